@@ -1,0 +1,41 @@
+# edgetune: `make run` sets up and runs the default recipe; `make test` sets up and runs the test suite.
+# Set-up is idempotent: a virtualenv in .venv, a CPU build of torch first when none is installed, then the
+# package with its dev extras, and Debian's Fashion-MNIST package when apt is there and we are root.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A pinned torch takes the CPU build where one is on disk; override e.g. TORCH_SPEC="torch --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.edgetune-installed
+
+.PHONY: setup run test test-all data clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev,data]"
+	@touch $(STAMP)
+
+# Fashion-MNIST from Debian (about 30 MB) when possible; otherwise the default recipe falls back to digits.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "warning: could not install dataset-fashion-mnist; the default recipe will use digits"; \
+	else echo "note: Fashion-MNIST not found and apt not usable; the default recipe will use digits"; fi
+
+run: setup
+	$(VENV)/bin/edgetune run
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

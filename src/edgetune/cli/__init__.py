@@ -1,0 +1,1 @@
+"""The ``edgetune`` command line."""
