@@ -110,7 +110,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
         from edgetune.measure import environment
 
         summary.update({
-            "dataset": bundle.name, "data_source": bundle.source, "data_notes": bundle.notes,
+            "dataset": bundle.name, "train_examples": len(bundle.train), "data_source": bundle.source, "data_notes": bundle.notes,
             "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0, "environment": environment(),
             "method_metrics": {k: v for cb in callbacks for k, v in cb.metrics().items()},
         })

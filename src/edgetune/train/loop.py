@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,12 @@ class Trainer:
             else:
                 opt.step()
         self._hook("after_optimizer_step")
-        self.scheduler.step()
+        if st.skip_step:  # the schedule counts iterations; torch warns when the first step was skipped
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         return loss.detach(), correct, count
 
     def _end_epoch(self) -> None:
