@@ -99,6 +99,8 @@ def find_recipe(name_or_path: str) -> Path:
         return p
     from edgetune.core.errors import did_you_mean
 
+    if p.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"recipe file {str(p)!r} does not exist; check the path or run `edgetune ls recipes`")
     raise ConfigError(
         f"no recipe file or shipped recipe named {name_or_path!r}.{did_you_mean(key, shipped)} "
         f"Shipped recipes: {', '.join(sorted(shipped))} (see `edgetune ls recipes`)."

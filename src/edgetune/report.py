@@ -76,8 +76,9 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     rows += [(k, v) for k, v in summary.get("method_metrics", {}).items()]
     lines = [f"# Run report: {name}", ""]
-    cmd = (run_dir / "command.txt").read_text().strip() if (run_dir / "command.txt").exists() else "(unknown)"
-    lines += [f"- command: `{cmd}`", f"- dataset: {summary.get('dataset')} ({summary.get('data_source')})",
+    cmds = (run_dir / "command.txt").read_text().split("\n") if (run_dir / "command.txt").exists() else []
+    lines += [f"- command: `{c}`" for c in cmds if c.strip()] or ["- command: (unknown)"]
+    lines += [ f"- dataset: {summary.get('dataset')} ({summary.get('data_source')})",
               f"- seed: {summary.get('seed')}",
               f"- hardware: {env.get('hardware', env.get('cpu', '?'))}; torch {env.get('torch', '?')}; "
               f"git {env.get('git_sha', '?')}"]

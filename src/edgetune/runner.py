@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -75,16 +76,22 @@ def _measure(model: torch.nn.Module, bundle: DataBundle, device: torch.device, r
 
 
 def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        write_report: bool = True) -> RunResult:
-    """Train ``cfg`` into ``run_dir`` (a new folder when None); with ``resume`` continue from its checkpoint."""
+        write_report: bool = True, command: str | None = None) -> RunResult:
+    """Train ``cfg`` into ``run_dir`` (a new folder when None); with ``resume`` continue from its checkpoint.
+
+    ``command`` is recorded in the run folder and the report (default: this process's argv).
+    """
     t0 = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.yaml", dump_yaml(cfg.to_dict()).encode())
-        if not resume:
-            atomic_write_bytes(run_dir / "command.txt", (" ".join(sys.argv) + "\n").encode())
+        cmd = command or shlex.join(sys.argv)
+        if resume:
+            prev = (run_dir / "command.txt").read_text() if (run_dir / "command.txt").exists() else ""
+            cmd = prev.rstrip("\n") + ("\n" if prev else "") + cmd
+        atomic_write_bytes(run_dir / "command.txt", (cmd + "\n").encode())
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     bundle = load_dataset(cfg.data)
@@ -103,6 +110,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     if resume and not trainer.resume():
         log.warning("no checkpoint in %s: starting from the beginning", run_dir)
     summary = trainer.fit()
+    summary["rank"] = rank
     report = None
     if rank == 0:
         save_tensors(model.state_dict(), run_dir / "model.safetensors", metadata={"format": "edgetune-model"})
@@ -122,10 +130,14 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
             from edgetune.report import write_report as _write
 
             report = _write(run_dir)
+    if trainer.ws > 1:
+        from edgetune.train.distributed import shutdown
+
+        shutdown()
     return RunResult(run_dir=run_dir, summary=summary, report=report)
 
 
-def resume(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> RunResult:
+def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from its newest checkpoint (its config.yaml is the recipe)."""
     from edgetune.core.config import apply_overrides
 
@@ -134,4 +146,4 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> RunResult:
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass the folder `edgetune run` created")
     data = apply_overrides(load_yaml(run_dir / "config.yaml"), overrides)
     cfg = validate(recipe_schema(), data)
-    return run(cfg, run_dir, resume=True)
+    return run(cfg, run_dir, resume=True, command=command)

@@ -11,7 +11,7 @@ def digits_recipe(tmp_path, **train):
     return write_recipe(
         tmp_path / "r.yaml", name="t", seed=0, output_dir=str(tmp_path / "runs"),
         data={"name": "digits"}, model={"name": "mlp", "widths": [64]},
-        train={"epochs": 3, "batch_size": 64, "progress": False, "optimizer": {"name": "adam", "lr": 0.003},
+        train={"epochs": 10, "batch_size": 64, "progress": False, "optimizer": {"name": "adam", "lr": 0.003},
                **train},
         expect={"min_test_acc": 0.85},
     )

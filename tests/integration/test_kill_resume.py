@@ -32,7 +32,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "edgetune.cli.main", "run", str(r), "--run-dir", str(run_dir)],
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = run_dir / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

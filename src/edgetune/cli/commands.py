@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from pathlib import Path
 
 from edgetune.core.errors import ConfigError
@@ -31,16 +33,19 @@ def _run(args: argparse.Namespace) -> int:
     from edgetune.recipe import DEFAULT_RECIPE, load_recipe
 
     recipe, overrides = _split_recipe(args.args)
+    command = "edgetune " + shlex.join(sys.argv[1:])
     if args.resume:
         if recipe:
             raise ConfigError("--resume takes the run folder; do not also give a recipe")
-        result = runner.resume(args.resume, tuple(overrides))
+        result = runner.resume(args.resume, tuple(overrides), command=command)
     else:
         cfg = load_recipe(recipe or DEFAULT_RECIPE, overrides)
         if recipe is None:
             log.info("no recipe given: running the default recipe %r", DEFAULT_RECIPE)
-        result = runner.run(cfg, args.run_dir)
+        result = runner.run(cfg, args.run_dir, command=command)
     s = result.summary
+    if s.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if "test_acc" in s:
         print(f"test accuracy {s['test_acc']:.4f} after {s['steps']} steps ({s['wall_time_s']:.0f} s)")
     print(f"report: {result.report or result.run_dir}")

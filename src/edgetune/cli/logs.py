@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 __all__ = ["setup_logging"]
 
@@ -12,7 +13,7 @@ class _TqdmHandler(logging.Handler):
         from tqdm.auto import tqdm
 
         try:
-            tqdm.write(self.format(record))
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

@@ -31,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`run R --run-dir D a.b=1`): argparse leaves them over
+    leftover = [e for e in extra if "=" not in e or e.startswith("-")]
+    if leftover or (extra and not hasattr(args, "args")):
+        parser.error(f"unrecognized arguments: {' '.join(leftover or extra)}")
+    if extra:
+        args.args = list(args.args) + extra
     setup_logging(-1 if args.quiet else args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -7,6 +7,7 @@ classifier is ``head``, so the sparse family finds them by name. ``widths=[1568,
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Annotated, Literal
 
@@ -19,7 +20,7 @@ from edgetune.core.config import Config
 from edgetune.core.errors import ConfigError
 from edgetune.models.base import ModelSpec, register_model
 
-__all__ = ["MLPConfig", "MLP"]
+__all__ = ["MLP", "MLPConfig"]
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
@@ -51,7 +52,7 @@ class MLP(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         sizes = [in_features, *widths]
-        self.layers = nn.ModuleList(nn.Linear(a, b, **kw) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b, **kw) for a, b in itertools.pairwise(sizes))
         self.norms = nn.ModuleList(nn.BatchNorm1d(w, **kw) for w in widths) if batch_norm else None
         self.act = _ACTIVATIONS[activation]
         self.drop = nn.Dropout(dropout)
@@ -84,7 +85,9 @@ def build_mlp(
             "use model.name=transformer for token tasks"
         )
     if not spec.input_shape or any(d <= 0 for d in spec.input_shape):
-        raise ConfigError(f"model 'mlp' needs a non-empty input shape of positive sizes, got {spec.input_shape}")
+        raise ConfigError(
+            f"model 'mlp' needs a non-empty input shape of positive sizes, got {spec.input_shape}"
+        )
     if spec.num_classes < 1:
         raise ConfigError(f"model 'mlp' needs num_classes >= 1, got {spec.num_classes}")
     return MLP(

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "params_checksum", "ranks_in_sync", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "is_distributed", "params_checksum", "ranks_in_sync", "barrier", "shutdown"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,13 @@ def init_distributed(device: torch.device) -> DistInfo:
         dist.init_process_group(backend=backend)
         log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
     return DistInfo(rank, world, local_rank)
+
+
+def shutdown() -> None:
+    """Leave the process group (after the last collective)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -1,0 +1,39 @@
+"""Datasets: registry and loaders (IDX, CIFAR batches, digits, SynGlyph, byte text) and FSCIL splits.
+
+``load_dataset(DataConfig(name="fashion-mnist"))`` returns a :class:`DataBundle` of in-memory
+``TensorDataset`` splits; ``edgetune ls datasets`` lists the registered names.
+"""
+
+from edgetune.data import _loaders  # noqa: F401  (registers the built-in datasets)
+from edgetune.data.base import (
+    DATASETS,
+    DataBundle,
+    DataConfig,
+    load_dataset,
+    loader_options,
+    register_dataset,
+)
+from edgetune.data.common import make_bundle
+from edgetune.data.idx import read_idx, read_idx_images, read_idx_labels, read_idx_pair, write_idx
+from edgetune.data.locate import find_dataset
+from edgetune.data.splits import FewShotEpisode, IncrementalSplit, class_incremental_split, few_shot_episode
+
+__all__ = [
+    "DATASETS",
+    "DataBundle",
+    "DataConfig",
+    "FewShotEpisode",
+    "IncrementalSplit",
+    "class_incremental_split",
+    "few_shot_episode",
+    "find_dataset",
+    "load_dataset",
+    "loader_options",
+    "make_bundle",
+    "read_idx",
+    "read_idx_images",
+    "read_idx_labels",
+    "read_idx_pair",
+    "register_dataset",
+    "write_idx",
+]

@@ -1,0 +1,131 @@
+"""The one place where a loader's raw arrays become a :class:`DataBundle`.
+
+:func:`make_bundle` applies, for every loader alike and in this order:
+
+1. ``limit_train`` / ``limit_test``: a seeded random subset of N examples (a shuffle, then the first N),
+   kept in the original order;
+2. ``val_fraction``: held out of the (limited) training split, stratified by class for classification
+   (per class ``round(fraction * count)``, at least 1 and at most ``count - 1`` when the class has two
+   or more examples), a seeded random subset of the windows for lm / seq2seq.
+
+Each step has its own random stream derived from ``cfg.seed``, so the test subset does not change when
+``limit_train`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from edgetune.data.base import DataBundle, DataConfig, Task
+
+__all__ = ["images_to_tensor", "make_bundle", "random_subset", "stratified_holdout"]
+
+log = logging.getLogger(__name__)
+
+# stream ids mixed into cfg.seed so each step draws independently
+_LIMIT_TRAIN, _LIMIT_TEST, _VAL = 1, 2, 3
+
+
+def random_subset(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``limit`` examples out of ``n`` drawn by ``rng`` (all of them when limit >= n)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(rng.permutation(n)[:limit])
+
+
+def stratified_holdout(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices of ``labels`` ``(N,)`` into ``(kept, held)``, both sorted, held ~ fraction per class."""
+    labels = np.asarray(labels)
+    held: list[np.ndarray] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = round(fraction * len(idx))
+        if fraction > 0 and len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        held.append(rng.permutation(idx)[:k])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held_idx] = False
+    return np.flatnonzero(mask), held_idx
+
+
+def images_to_tensor(images: np.ndarray, scale: float = 255.0) -> Tensor:
+    """uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` -> float32 tensor ``(N, C, H, W)`` in [0, 1]."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    return x.div_(scale) if scale != 1.0 else x
+
+
+def _take(tensors: tuple[Tensor, ...], idx: np.ndarray) -> tuple[Tensor, ...]:
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) == len(tensors[0]) and np.array_equal(idx, np.arange(len(idx))):
+        return tensors  # everything, in order: no copy
+    index = torch.from_numpy(idx)
+    return tuple(t.index_select(0, index) for t in tensors)
+
+
+def make_bundle(
+    cfg: DataConfig,
+    *,
+    name: str,
+    task: Task,
+    train: Sequence[Tensor],
+    test: Sequence[Tensor],
+    num_classes: int,
+    class_names: Sequence[str] = (),
+    source: str = "",
+    notes: Sequence[str] = (),
+    input_shape: tuple[int, ...] | None = None,
+) -> DataBundle:
+    """Apply ``cfg.limit_*`` and ``cfg.val_fraction`` to raw splits and wrap them in a DataBundle.
+
+    train / test: tensors with a common first dim N whose last one is the target, e.g. ``x (N, C, H, W)``
+    float32 and ``y (N,)`` int64 for classification, ``(src, tgt_in, tgt_out)`` each ``(N, T)`` for seq2seq.
+    input_shape: shape of one input; default ``train[0].shape[1:]``.
+    """
+    train, test = tuple(train), tuple(test)
+    seeds = {k: np.random.default_rng([cfg.seed, k]) for k in (_LIMIT_TRAIN, _LIMIT_TEST, _VAL)}
+    train = _take(train, random_subset(len(train[0]), cfg.limit_train, seeds[_LIMIT_TRAIN]))
+    test = _take(test, random_subset(len(test[0]), cfg.limit_test, seeds[_LIMIT_TEST]))
+    val = None
+    if cfg.val_fraction > 0:
+        n = len(train[0])
+        if task == "classification":
+            kept, held = stratified_holdout(train[-1].numpy(), cfg.val_fraction, seeds[_VAL])
+        else:
+            perm = seeds[_VAL].permutation(n)
+            k = round(cfg.val_fraction * n)
+            kept, held = np.sort(perm[k:]), np.sort(perm[:k])
+        val = TensorDataset(*_take(train, held))
+        train = _take(train, kept)
+    bundle = DataBundle(
+        name=name,
+        task=task,
+        train=TensorDataset(*train),
+        test=TensorDataset(*test),
+        val=val,
+        num_classes=num_classes,
+        input_shape=tuple(input_shape) if input_shape is not None else tuple(train[0].shape[1:]),
+        class_names=list(class_names),
+        source=source,
+        notes=list(notes),
+    )
+    log.info(
+        "dataset %s: %d train, %d val, %d test examples, %d classes, from %s",
+        name,
+        len(bundle.train),
+        len(val) if val is not None else 0,
+        len(bundle.test),
+        num_classes,
+        source,
+    )
+    return bundle
