@@ -24,7 +24,7 @@ from edgetune.models.base import ModelSpec, build_model
 from edgetune.recipe import RunConfig, recipe_schema
 from edgetune.train.loop import Trainer, resolve_device
 
-__all__ = ["RunResult", "run", "resume", "new_run_dir"]
+__all__ = ["RunResult", "run", "resume", "new_run_dir", "load_run_model"]
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +147,30 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | 
     data = apply_overrides(load_yaml(run_dir / "config.yaml"), overrides)
     cfg = validate(recipe_schema(), data)
     return run(cfg, run_dir, resume=True, command=command)
+
+
+def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, RunConfig, DataBundle]:
+    """Rebuild the trained model of a finished run folder (architecture + method sections + weights).
+
+    Returns the model in eval mode, the run's recipe, and its dataset (for measurements).
+    """
+    from edgetune.core.errors import CheckpointError
+    from edgetune.core.state import load_tensors
+
+    run_dir = Path(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not (run_dir / "config.yaml").is_file() or not weights.is_file():
+        raise ConfigError(f"{run_dir} is not a finished run folder (needs config.yaml and model.safetensors)")
+    cfg = validate(recipe_schema(), load_yaml(run_dir / "config.yaml"))
+    seed_everything(cfg.seed)
+    bundle = load_dataset(cfg.data)
+    spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)
+    model = build_model(cfg.model.name, cfg.model.options(), spec, device=device)
+    ctx = SectionContext(total_steps=1, steps_per_epoch=1, epochs=1, device=torch.device(device), seed=cfg.seed,
+                         run_dir=None, train_inputs=bundle.train.tensors[0])
+    _apply_sections(model, cfg, ctx)
+    try:
+        model.load_state_dict(load_tensors(weights, device=device))
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights} does not fit the model its config.yaml describes: {err}") from None
+    return model.eval(), cfg, bundle

@@ -76,11 +76,13 @@ def _sync(device: torch.device) -> None:
 
 def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), batch: int = 128,
                     repeats: int = 20, device: str | torch.device = "cpu", *, in_features: int = 784,
-                    classes: int = 10, warmup: int = 3, backend: str = "auto", threads: int | None = 2,
-                    seed: int = 0) -> list[dict[str, Any]]:
+                    classes: int = 10, warmup: int = 3, backends: Sequence[str] = ("auto",),
+                    threads: int | None = 2, seed: int = 0) -> list[dict[str, Any]]:
     """Time one Adam train step of the dense and the sparse MLP, interleaved; one row per model.
 
-    Rows: model ("dense"/"sparse"), density, batch, step_ms (median), step_ms_min, the byte counts of
+    One sparse model per entry of ``backends`` (same links), named "sparse" for "auto" and
+    "sparse[<backend>]" otherwise. Rows: model, density, batch, backend (the one each sparse layer
+    resolved to), step_ms (median), step_ms_min, the byte counts of
     :func:`state_bytes`, state_bytes (params + grads + optimizer), peak_bytes (CUDA only), speedup
     (dense step_ms / this step_ms) and memory_ratio (this state_bytes + index_bytes over dense state).
     ``threads`` sets ``torch.set_num_threads`` for the run (None leaves it).
@@ -90,8 +92,10 @@ def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        models = {"dense": build_mlp(widths, in_features, classes, None, seed=seed).to(device),
-                  "sparse": build_mlp(widths, in_features, classes, density, backend, seed).to(device)}
+        models = {"dense": build_mlp(widths, in_features, classes, None, seed=seed).to(device)}
+        for be in backends:
+            name = "sparse" if be == "auto" else f"sparse[{be}]"
+            models[name] = build_mlp(widths, in_features, classes, density, be, seed).to(device)
         optims = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
         g = torch.Generator().manual_seed(seed + 1)
         x = torch.randn(batch, in_features, generator=g).to(device)
@@ -107,10 +111,11 @@ def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), 
             _sync(device)
             return time.perf_counter() - t0
 
-        times: dict[str, list[float]] = {"dense": [], "sparse": []}
-        peaks: dict[str, int | None] = {"dense": None, "sparse": None}
+        names = list(models)
+        times: dict[str, list[float]] = {k: [] for k in names}
+        peaks: dict[str, int | None] = dict.fromkeys(names)
         for r in range(warmup + repeats):
-            for name in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+            for name in (names if r % 2 == 0 else names[::-1]):
                 if device.type == "cuda" and r == warmup:
                     torch.cuda.reset_peak_memory_stats(device)
                 t = step(name)
@@ -151,14 +156,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backends", nargs="+", default=["auto"], help="auto, csr, gather, dense")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     writer: csv.DictWriter[str] | None = None
     for density in args.density:
         for batch in args.batch:
             for row in train_step_rows(density, args.widths, batch, args.repeats, args.device,
-                                       warmup=args.warmup, backend=args.backend, threads=args.threads):
+                                       warmup=args.warmup, backends=args.backends, threads=args.threads):
                 if writer is None:
                     writer = csv.DictWriter(sys.stdout, fieldnames=list(row))
                     writer.writeheader()

@@ -125,7 +125,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.backend = int(in_features), int(out_features), backend
         self.transposed_output = transposed_output
         shape = (self.out_features, self.in_features)
-        idx, order = _sorted_links(indices, shape, repr(self._name()))
+        idx, order = _sorted_links(indices, shape, self._name())
         nnz = idx.shape[1]
         if dtype is None:
             dtype = values.dtype if values is not None else torch.get_default_dtype()
@@ -133,7 +133,7 @@ class SparseLinear(nn.Module):
             bound = 1.0 / math.sqrt(max(1.0, nnz / self.out_features))
             values = torch.empty(nnz, dtype=dtype, device=device).uniform_(-bound, bound)
         else:
-            values = self._checked_values(values, indices.shape[1], order)
+            values = self._checked_values(values, indices.shape[1], order).detach().clone()
         self.register_buffer("indices", idx.to(device))
         self.values = nn.Parameter(values.to(device=device, dtype=dtype))
         if bias:
@@ -156,7 +156,7 @@ class SparseLinear(nn.Module):
                              f"out_features={linear.out_features}); pass a bool mask of shape {tuple(w.shape)}.")
         mask = mask.to(device=w.device, dtype=torch.bool)
         indices = mask.nonzero().t()  # (2, nnz), row-major sorted
-        layer = cls(linear.in_features, linear.out_features, indices, w.detach()[mask].clone(),
+        layer = cls(linear.in_features, linear.out_features, indices, w.detach()[mask],
                     bias=linear.bias is not None, backend=backend, transposed_output=transposed_output,
                     device=w.device, dtype=w.dtype)
         if linear.bias is not None:

@@ -42,7 +42,7 @@ __all__ = ["ch3_l3", "ch2_l3", "path_scores", "as_mask", "check_float_dtype", "c
 log = logging.getLogger(__name__)
 
 PathModel = Literal["ch3", "ch2"]
-_BLOCK_BYTES_CPU = 4 * 2**20  # gathered block per batched matmul: small enough to stay in cache
+_BLOCK_BYTES_CPU = 16 * 2**20  # gathered block per batched matmul (tuned on 2 cores, 1024²-4096²)
 _BLOCK_BYTES_CUDA = 256 * 2**20
 
 
@@ -152,11 +152,13 @@ def path_scores(
     Args:
         mask: ``(O, I)`` layer mask (bool; non-zero = link), on any device.
         model: ``"ch3"`` (CH3-L3, the CHT predictor) or ``"ch2"`` (CH2-L3).
-        dtype: floating dtype of the computation and result; float64 reproduces the brute-force
-            definition to ~1e-15, float32 is about twice as fast.
+        dtype: result dtype. float64 reproduces the brute-force definition to ~1e-15; float32 (default)
+            is ~1.5-2x faster, within ~1e-6 relative, and picked the same top-30% regrowth set as float64
+            on every random mask tried. Half types compute in float32 and are cast.
         fill_existing: value written on existing links (0 as in the official code; ``-inf`` keeps
             them out of any top-k).
-        block_bytes: size of the gathered block per batched matmul (default 4 MiB on CPU, 256 MiB on GPU).
+        block_bytes: size of the gathered block per batched matmul (default 16 MiB on CPU, 256 MiB on
+            GPU); two such buffers are allocated.
 
     Returns:
         ``(O, I)`` scores; 0 for candidates without any length-3 path.
@@ -178,10 +180,11 @@ def path_scores(
         ).T.contiguous()
     if block_bytes is None:
         block_bytes = _BLOCK_BYTES_CUDA if mask.device.type == "cuda" else _BLOCK_BYTES_CPU
-    v = _lc_factor(common_neighbours(mask, dtype), deg_out.to(dtype)[None, :], model)  # v[a, b]: deg(b)
-    u = _lc_factor(common_neighbours(mask.T, dtype), deg_in.to(dtype)[:, None], model)  # u[i, k]: deg(i)
-    scores = _path_sum(mask, v, u, block_bytes)
-    return scores.masked_fill_(mask, fill_existing)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    v = _lc_factor(common_neighbours(mask, work), deg_out.to(work)[None, :], model)  # v[a, b]: deg(b)
+    u = _lc_factor(common_neighbours(mask.T, work), deg_in.to(work)[:, None], model)  # u[i, k]: deg(i)
+    scores = _path_sum(mask, v, u, block_bytes).masked_fill_(mask, fill_existing)
+    return scores if work == dtype else scores.to(dtype)
 
 
 def ch3_l3(mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0) -> torch.Tensor:

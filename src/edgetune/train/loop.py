@@ -227,7 +227,7 @@ class Trainer:
         with self._autocast():
             out = self.ddp_model(*batch[:-1])
         loss, correct, count = _loss_and_correct(out, batch[-1], self.cfg.label_smoothing)
-        st.loss = loss
+        st.loss = loss.detach()  # a live graph here would pin autograd nodes (and stale shapes) to the next step
         (self.scaler.scale(loss) if self.scaler else loss).backward()
         self._hook("after_backward")
         if self.scaler:

@@ -1,0 +1,43 @@
+"""Sparse family: dynamic sparse training (static, SET, RigL, CHT, CHTs, CHTss) on real sparse layers.
+
+``sparsify_(model, SparseConfig(method="chts", density=0.01))`` swaps the selected ``nn.Linear`` layers for
+:class:`SparseLinear` (weights, gradients and optimizer state in proportion to the links);
+``SparseEngine(model, cfg)`` is the training-loop callback that evolves the topology. In a recipe, the
+``sparse:`` section does both.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from edgetune.core.hooks import Callback
+from edgetune.core.sections import SectionContext, register_section
+from edgetune.sparse.config import SparseConfig
+from edgetune.sparse.engine import SparseEngine, active_neuron_fraction
+from edgetune.sparse.layer import SparseLinear, remap_optimizer_state
+from edgetune.sparse.methods import SPARSE_METHODS
+from edgetune.sparse.predictors import link_scores, sample_without_replacement
+from edgetune.sparse.sparsify import layer_chains, sparse_layers, sparsify_
+
+__all__ = [
+    "SparseConfig",
+    "SparseEngine",
+    "SparseLinear",
+    "SPARSE_METHODS",
+    "sparsify_",
+    "sparse_layers",
+    "layer_chains",
+    "link_scores",
+    "sample_without_replacement",
+    "remap_optimizer_state",
+    "active_neuron_fraction",
+]
+
+
+@register_section("sparse", config=SparseConfig, summary="dynamic sparse training of nn.Linear layers")
+def _apply_sparse(model: nn.Module, cfg: SparseConfig, ctx: SectionContext) -> list[Callback]:
+    import torch
+
+    seed = cfg.seed if cfg.seed is not None else ctx.seed
+    sparsify_(model, cfg, generator=torch.Generator().manual_seed(seed), train_inputs=ctx.train_inputs)
+    return [SparseEngine(model, cfg, seed=seed)]

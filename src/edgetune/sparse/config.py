@@ -1,0 +1,108 @@
+"""``SparseConfig``: what to sparsify and how its topology evolves (the ``sparse:`` recipe section).
+
+Fields left ``None`` take the chosen method's defaults (each method file declares them), so
+``SparseConfig(method="rigl", density=0.05)`` is RigL as its paper runs it, and any field can still be
+overridden. :meth:`SparseConfig.resolved` returns the config with every default filled in.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from edgetune.core.config import Config
+
+__all__ = ["SparseConfig"]
+
+Removal = Literal["magnitude", "soft_magnitude", "relative_importance", "soft_relative_importance"]
+Regrowth = Literal["none", "random", "gradient", "ch_hard", "ch_soft"]
+Predictor = Literal["ch3_l3", "ch2_l3", "ch3_l3n", "ch2_l3n"]
+
+
+class SparseConfig(Config):
+    """Dynamic sparse training of the ``nn.Linear`` layers of a model.
+
+    method: a registered sparse method (``edgetune ls methods``): static, set, rigl, cht, chts, chtss.
+    density: final fraction of links kept in every sparse layer, in (0, 1].
+    include / exclude: name patterns (globs on the full or last name, or ``re:`` regexes) of the
+        ``nn.Linear`` layers to sparsify. dense_head: keep the model's last ``nn.Linear`` dense.
+    topology: initial masks: er (Erdos-Renyi), bsw (bipartite small world, ``beta``), brf (bipartite
+        receptive field, ``brf_r``), csti (correlated sparse topological init from training inputs;
+        layers whose inputs are not the data fall back to er).
+    weight_init: swi (std sqrt(2/(density*fan_in))), kaiming (std sqrt(2/fan_in)), keep (the dense
+        layer's weights under the mask).
+    update_interval / update_unit: topology update every N steps or epochs; stop_fraction: no updates
+        after this fraction of training. zeta: fraction of links removed per update, with a constant
+        or cosine schedule.
+    removal / regrowth / predictor: the rules; temperature: soft-removal exponent T rising linearly
+        from the first to the second value until the stop.
+    percolation: cut hidden neurons left without inputs or outputs along each layer chain; their
+        links go to the regrowth budget.
+    skip_step_on_update: skip the optimizer step on update iterations (as the CHT and RigL code do).
+    early_stop_overlap: freeze a layer once the overlap of its removed and regrown links exceeds it.
+    initial_density / decay_steepness: gradual density decay (CHTss sigmoid) from initial_density to
+        density; None keeps the density constant.
+    backend: SparseLinear compute backend (auto picks CSR kernels or a dense scatter by density).
+    seed: seed of topology decisions (default: the run's seed), identical on every DDP rank.
+    """
+
+    method: str = "chts"
+    density: float = Field(default=0.05, gt=0, le=1)
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    dense_head: bool = True
+    topology: Literal["er", "bsw", "brf", "csti"] | None = None
+    beta: float = Field(default=0.25, ge=0, le=1)
+    brf_r: float = Field(default=0.3, ge=0, le=1)
+    weight_init: Literal["swi", "kaiming", "keep"] = "swi"
+    update_interval: int | None = Field(default=None, ge=1)
+    update_unit: Literal["steps", "epochs"] | None = None
+    stop_fraction: float = Field(default=0.75, gt=0, le=1)
+    zeta: float | None = Field(default=None, gt=0, lt=1)
+    zeta_schedule: Literal["constant", "cosine"] | None = None
+    removal: Removal | None = None
+    regrowth: Regrowth | None = None
+    predictor: Predictor | None = None
+    temperature: tuple[float, float] = (1.0, 3.0)
+    percolation: bool | None = None
+    skip_step_on_update: bool | None = None
+    early_stop_overlap: float | None = Field(default=None, gt=0, le=1)
+    initial_density: float | None = Field(default=None, gt=0, le=1)
+    decay_steepness: float = Field(default=6.0, gt=0)
+    backend: Literal["auto", "csr", "gather", "dense"] = "auto"
+    seed: int | None = Field(default=None, ge=0)
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        return float(v)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] < 0 or v[1] < 0:
+            raise ValueError("temperatures must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _decay(self) -> SparseConfig:
+        if self.initial_density is not None and self.initial_density < self.density:
+            raise ValueError(
+                f"initial_density={self.initial_density} is below density={self.density}: the density decays "
+                "from initial_density down to density"
+            )
+        return self
+
+    def resolved(self) -> SparseConfig:
+        """This config with the method's defaults filled into every ``None`` field."""
+        from edgetune.sparse.methods import SPARSE_METHODS
+
+        entry = SPARSE_METHODS.entry(self.method)
+        filled = {k: (v(self) if callable(v) else v) for k, v in entry.obj.items() if getattr(self, k) is None}
+        out = self.model_copy(update=filled)
+        missing = [k for k in ("topology", "update_interval", "update_unit", "zeta", "zeta_schedule", "removal",
+                               "regrowth", "predictor", "percolation", "skip_step_on_update") if getattr(out, k) is None]
+        if missing:
+            raise ValueError(f"sparse method {self.method!r} leaves {missing} unset")  # a bug in a method file
+        return out

@@ -1,0 +1,261 @@
+"""``SparseEngine``: the training-loop callback that evolves the topology of every SparseLinear.
+
+At each update step (every ``update_interval`` steps or epochs, until ``stop_fraction`` of training)
+and for every sparse layer: prune to the scheduled density by relative importance (density decay only),
+remove ``floor(zeta_t * nnz)`` links by the removal rule, cut dead neurons along the layer chains
+(percolation), then regrow back to the scheduled density by the regrowth rule, new links at zero.
+The optimizer state follows the links (surviving links keep their moments, new ones start at zero).
+Every random decision uses a generator seeded by (seed, step, layer), so all DDP ranks agree; RigL's
+dense gradients are averaged across ranks before they are used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from edgetune.core.errors import CheckpointError, ConfigError
+from edgetune.core.hooks import Callback, TrainState
+from edgetune.sparse.config import SparseConfig
+from edgetune.sparse.layer import SparseLinear
+from edgetune.sparse.percolation import percolate
+from edgetune.sparse.regrowth import regrow
+from edgetune.sparse.removal import (
+    magnitude_removal,
+    relative_importance_removal,
+    removal_count,
+    soft_magnitude_removal,
+    soft_relative_importance_removal,
+)
+from edgetune.sparse.schedules import cosine_zeta, removal_temperature, sigmoid_density, stop_step, update_due
+from edgetune.sparse.sparsify import layer_chains, sparse_layers
+from edgetune.sparse.topology import link_count
+
+__all__ = ["SparseEngine", "active_neuron_fraction"]
+
+log = logging.getLogger(__name__)
+
+
+def active_neuron_fraction(masks: list[torch.Tensor], chains: list[list[int]]) -> float:
+    """Fraction of hidden neurons (between consecutive layers of a chain) with both inputs and outputs."""
+    alive = total = 0
+    for chain in chains:
+        for a, b in zip(chain, chain[1:]):
+            ok = masks[a].any(dim=1) & masks[b].any(dim=0)
+            alive += int(ok.sum())
+            total += ok.numel()
+    return alive / total if total else 1.0
+
+
+def _remove(rule: str, w: torch.Tensor, mask: torch.Tensor, k: int, temp: float, g: torch.Generator) -> torch.Tensor:
+    if rule == "magnitude":
+        return magnitude_removal(w, mask, k)
+    if rule == "soft_magnitude":
+        return soft_magnitude_removal(w, mask, k, temp, g)
+    if rule == "relative_importance":
+        return relative_importance_removal(w, mask, k)
+    return soft_relative_importance_removal(w, mask, k, temp, g)
+
+
+class SparseEngine(Callback):
+    """Drives topology updates of ``model``'s SparseLinear layers from the training loop."""
+
+    name = "sparse"
+
+    def __init__(self, model: nn.Module, cfg: SparseConfig, *, seed: int = 0) -> None:
+        self.cfg = cfg.resolved()
+        self.layers = sparse_layers(model)
+        if not self.layers:
+            raise ConfigError("SparseEngine: the model has no SparseLinear layer; call sparsify_(model, cfg) first")
+        self.chains = layer_chains(self.layers) if self.cfg.percolation else []
+        self.seed = self.cfg.seed if self.cfg.seed is not None else seed
+        self.frozen = [False] * len(self.layers)
+        self.updates = 0
+        self.last: dict[str, float] = {}
+        self._grads: dict[int, torch.Tensor] = {}
+        self._armed = False
+        self._handles: list[Any] = []
+        self.interval = 1
+        self.total = 1
+        self.t_end = 1
+        if self.cfg.regrowth == "gradient":
+            for i, (_, layer) in enumerate(self.layers):
+                self._handles.append(layer.register_forward_hook(self._capture(i)))
+
+    # ------------------------------------------------------------------ schedule
+    def _setup(self, state: TrainState) -> None:
+        per = state.steps_per_epoch if self.cfg.update_unit == "epochs" else 1
+        self.interval = max(1, int(self.cfg.update_interval or 1) * per)
+        self.total = max(1, state.total_steps)
+        self.t_end = max(1, stop_step(self.total, self.cfg.stop_fraction))
+        if self.cfg.initial_density and self.cfg.initial_density != self.cfg.density and state.world_size > 1:
+            raise ConfigError("sparse: density decay (initial_density) changes parameter sizes, which DDP cannot "
+                              "follow; run it in one process or set sparse.initial_density=null")
+
+    def density_at(self, step: int) -> float:
+        c = self.cfg
+        if not c.initial_density or c.initial_density == c.density:
+            return c.density
+        return sigmoid_density(min(step, self.t_end), self.t_end, c.initial_density, c.density,
+                               steepness=c.decay_steepness, interval=self.interval)
+
+    def zeta_at(self, step: int) -> float:
+        z = float(self.cfg.zeta or 0.0)
+        return cosine_zeta(step, self.t_end, z) if self.cfg.zeta_schedule == "cosine" else z
+
+    def _due(self, step: int) -> bool:
+        if self.cfg.regrowth == "none" and not self.cfg.initial_density:
+            return False
+        return update_due(step, self.interval, self.cfg.stop_fraction, self.total)
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, state: TrainState) -> None:
+        self._setup(state)
+        self._armed = self._due(state.step + 1)
+
+    def before_optimizer_step(self, state: TrainState) -> None:
+        if self._due(state.step + 1) and self.cfg.skip_step_on_update:
+            state.skip_step = True
+
+    def after_optimizer_step(self, state: TrainState) -> None:
+        step = state.step + 1  # optimizer steps taken, this one included
+        if self._due(step):
+            self.update(step, state.optimizer)
+        self._armed = self._due(step + 1)
+
+    def _capture(self, i: int):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not (self._armed and module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # (N, in)
+
+            def grad_hook(grad_out: torch.Tensor) -> None:
+                g = grad_out.detach().reshape(-1, grad_out.shape[-1]).t() @ x.to(grad_out.dtype)  # (out, in)
+                self._grads[i] = g if i not in self._grads else self._grads[i] + g
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    # ------------------------------------------------------------------ the update
+    def _generator(self, step: int, i: int, device: torch.device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + step) * 1009 + i)
+
+    @torch.no_grad()
+    def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """Run one topology update of every layer at optimizer step ``step``; return its statistics."""
+        cfg = self.cfg
+        density = self.density_at(step)
+        zeta = self.zeta_at(step)
+        temp = removal_temperature(min(step, self.t_end), self.t_end, *cfg.temperature)
+        if cfg.regrowth == "gradient" and dist.is_available() and dist.is_initialized():
+            for g in self._grads.values():
+                dist.all_reduce(g)
+                g.div_(dist.get_world_size())
+        old_masks, masks, removed, weights, targets = [], [], [], [], []
+        for i, (name, layer) in enumerate(self.layers):
+            gen = self._generator(step, i, torch.device("cpu"))
+            mask = layer.mask()
+            w = layer.to_dense_weight()
+            old_masks.append(mask.clone())
+            target = link_count(layer.out_features, layer.in_features, density)
+            nnz = int(mask.sum())
+            if nnz > target:  # density decay: prune to the scheduled density by relative importance
+                mask &= ~relative_importance_removal(w, mask, nnz - target)
+            rem = torch.zeros_like(mask)
+            if not self.frozen[i] and cfg.regrowth != "none":
+                k = removal_count(int(mask.sum()), zeta)
+                rem = _remove(str(cfg.removal), w.cpu(), mask.cpu(), k, temp, gen).to(mask.device)
+                mask &= ~rem
+            masks.append(mask)
+            removed.append(old_masks[i] & ~mask)
+            weights.append(w)
+            targets.append(target)
+        for chain in self.chains:
+            res = percolate([masks[i] for i in chain])
+            for i, m in zip(chain, res.masks):
+                masks[i] = m
+                removed[i] = old_masks[i] & ~m
+        n_removed = n_regrown = 0
+        overlap_sum = 0.0
+        for i, (name, layer) in enumerate(self.layers):
+            mask = masks[i]
+            k = max(0, targets[i] - int(mask.sum()))
+            if self.frozen[i] or cfg.regrowth == "none":
+                k = 0
+            gen = self._generator(step, i + 7919, torch.device("cpu"))
+            grad = self._grads.get(i)
+            new = regrow(str(cfg.regrowth) if k else "none", mask.cpu(), k, gen, predictor=str(cfg.predictor),
+                         grad=None if grad is None else grad.cpu()).to(mask.device)
+            final = mask | new
+            old_removed = removed[i]
+            regrown_old = (new & old_removed).sum()
+            overlap = float(regrown_old) / max(1, int(old_removed.sum()))
+            overlap_sum += overlap
+            if cfg.early_stop_overlap is not None and int(old_removed.sum()) and overlap > cfg.early_stop_overlap:
+                self.frozen[i] = True
+                log.info("sparse: %s frozen at step %d (removed/regrown overlap %.3f)", name, step, overlap)
+            n_removed += int(old_removed.sum())
+            n_regrown += int(new.sum())
+            idx = final.nonzero().t()  # (2, nnz) row-major
+            vals = weights[i][final] * old_masks[i][final]  # survivors keep their weight; new links start at 0
+            layer.set_topology(idx, vals, optimizer)
+        self._grads.clear()
+        self.updates += 1
+        all_masks = [layer.mask() for _, layer in self.layers]
+        nnz = sum(int(m.sum()) for m in all_masks)
+        size = sum(m.numel() for m in all_masks)
+        self.last = {
+            "sparse_density": nnz / size,
+            "sparse_active_neurons": active_neuron_fraction(all_masks, self.chains),
+            "sparse_removed": float(n_removed),
+            "sparse_regrown": float(n_regrown),
+            "sparse_overlap": overlap_sum / len(self.layers),
+            "sparse_frozen_layers": float(sum(self.frozen)),
+            "sparse_updates": float(self.updates),
+            "sparse_zeta": zeta,
+        }
+        log.debug("sparse update at step %d: %s", step, self.last)
+        return self.last
+
+    # ------------------------------------------------------------------ reporting and state
+    def metrics(self) -> dict[str, float]:
+        masks = [layer.mask() for _, layer in self.layers]
+        nnz = sum(int(m.sum()) for m in masks)
+        out = dict(self.last)
+        out["sparse_density"] = nnz / sum(m.numel() for m in masks)
+        out["sparse_active_neurons"] = active_neuron_fraction(masks, self.chains)
+        out["sparse_updates"] = float(self.updates)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.cfg.method,
+            "density": self.cfg.density,
+            "layers": [[name, layer.out_features, layer.in_features] for name, layer in self.layers],
+            "frozen": list(self.frozen),
+            "updates": self.updates,
+            "last": dict(self.last),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = [[name, layer.out_features, layer.in_features] for name, layer in self.layers]
+        theirs = [list(x) for x in state.get("layers", [])]
+        if theirs != mine:
+            diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), (theirs[len(mine):], mine[len(theirs):]))
+            raise CheckpointError(
+                f"checkpoint holds another sparse topology: layer {diff[0]} in the checkpoint vs {diff[1]} in this "
+                "model; resume with the recipe that wrote it"
+            )
+        if state.get("method") != self.cfg.method or state.get("density") != self.cfg.density:
+            raise CheckpointError(
+                f"checkpoint was trained with sparse method {state.get('method')!r} at density {state.get('density')} "
+                f"but this run asks for {self.cfg.method!r} at {self.cfg.density}; resume with the same sparse settings"
+            )
+        self.frozen = [bool(x) for x in state["frozen"]]
+        self.updates = int(state["updates"])
+        self.last = {k: float(v) for k, v in state.get("last", {}).items()}

@@ -1,0 +1,160 @@
+"""``sparsify_``: replace selected ``nn.Linear`` layers by :class:`SparseLinear` with an initial topology.
+
+This is the only module of the sparse family that walks the module tree (with edgetune.core's
+selection and surgery helpers); the rules it applies are pure functions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from edgetune.core.errors import ConfigError
+from edgetune.core.select import make_filter, select_modules
+from edgetune.core.surgery import replace_module
+from edgetune.sparse.config import SparseConfig
+from edgetune.sparse.init import kaiming_active_init, sparse_weight_init
+from edgetune.sparse.layer import SparseLinear
+from edgetune.sparse.topology import (
+    bipartite_receptive_field,
+    bipartite_small_world,
+    correlated_sparse_topology,
+    erdos_renyi,
+    link_count,
+)
+
+__all__ = ["sparsify_", "sparse_layers", "layer_chains", "initial_mask"]
+
+log = logging.getLogger(__name__)
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
+    """``(name, layer)`` of every SparseLinear in ``model``, in definition order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """ids of parameters that appear under more than one module (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
+def _targets(model: nn.Module, cfg: SparseConfig) -> list[tuple[str, nn.Linear]]:
+    chosen = select_modules(model, make_filter(cfg.include, cfg.exclude, (nn.Linear,)))
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    tied = _tied(model)
+    out = []
+    for name, mod in chosen:
+        if cfg.dense_head and linears and name == linears[-1]:
+            continue
+        if id(mod.weight) in tied:
+            log.info("sparse: %s shares its weight with another module (tied); it stays dense", name)
+            continue
+        out.append((name, mod))
+    return out
+
+
+def initial_mask(out_f: int, in_f: int, density: float, cfg: SparseConfig, generator: torch.Generator,
+                 train_inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """The initial bool mask ``(out, in)`` with exactly ``round(density*out*in)`` links."""
+    topo = cfg.topology or "er"
+    if topo == "bsw":
+        return bipartite_small_world(out_f, in_f, density, cfg.beta, generator)
+    if topo == "brf":
+        return bipartite_receptive_field(out_f, in_f, density, cfg.brf_r, generator)
+    if topo == "csti" and train_inputs is not None:
+        x = train_inputs.reshape(train_inputs.shape[0], -1)
+        if x.shape[1] == in_f:
+            return correlated_sparse_topology(x[:10_000].double(), out_f, density, generator)
+    return erdos_renyi(out_f, in_f, density, generator)
+
+
+def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator | None = None,
+              train_inputs: torch.Tensor | None = None) -> nn.Module:
+    """Replace the layers ``cfg`` selects by SparseLinear layers; return ``model``.
+
+    The initial density is ``cfg.initial_density`` when the method decays density, else ``cfg.density``.
+    Weights on the initial links follow ``cfg.weight_init``. ``train_inputs`` ``(N, ...)`` feeds CSTI.
+    Raises ConfigError when no layer matches or a layer is too small for the density.
+    """
+    cfg = cfg.resolved()
+    if generator is None:
+        generator = torch.Generator().manual_seed(cfg.seed or 0)
+    targets = _targets(model, cfg)
+    if not targets:
+        raise ConfigError(
+            f"sparse: no nn.Linear layer matches include={cfg.include} exclude={cfg.exclude}"
+            f"{' (the last Linear stays dense: dense_head=true)' if cfg.dense_head else ''}; "
+            "check the patterns against the names printed by print(model)"
+        )
+    density = cfg.initial_density or cfg.density
+    for name, lin in targets:
+        out_f, in_f = lin.out_features, lin.in_features
+        try:
+            link_count(out_f, in_f, density)
+        except ConfigError as err:
+            raise ConfigError(f"sparse layer {name!r}: {err}") from None
+        mask = initial_mask(out_f, in_f, density, cfg, generator, train_inputs).to(lin.weight.device)
+        with torch.no_grad():
+            if cfg.weight_init == "swi":
+                w = sparse_weight_init(mask.cpu(), generator, density=density, dtype=lin.weight.dtype)
+            elif cfg.weight_init == "kaiming":
+                w = kaiming_active_init(mask.cpu(), generator).to(lin.weight.dtype)
+            else:
+                w = lin.weight.detach().cpu()
+            lin.weight.copy_(w.to(lin.weight.device))
+        layer = SparseLinear.from_dense(lin, mask, backend=cfg.backend)
+        replace_module(model, name, layer)
+        log.debug("sparse: %s -> %d links (%.4g density)", name, layer.nnz(), layer.density)
+    n = sum(m.nnz() for _, m in sparse_layers(model))
+    total = sum(m.in_features * m.out_features for _, m in sparse_layers(model))
+    log.info("sparse (%s): %d layers, %d of %d links (%.3g%%)", cfg.method, len(targets), n, total,
+             100 * n / max(1, total))
+    return model
+
+
+_CHAIN_PAIRS = (("fc1", "fc2"), ("v_proj", "out_proj"))
+
+
+def layer_chains(layers: list[tuple[str, SparseLinear]]) -> list[list[int]]:
+    """Index chains of layers where each one's outputs are the next one's inputs.
+
+    Recognised: consecutive numbered children of one container (``layers.0 -> layers.1 -> ...``) with
+    matching sizes, and the pairs fc1 -> fc2 and v_proj -> out_proj under one parent.
+    """
+    info = []
+    for i, (name, m) in enumerate(layers):
+        parent, _, leaf = name.rpartition(".")
+        info.append((i, parent, leaf, m))
+    chains: list[list[int]] = []
+    # numbered children of one container
+    by_parent: dict[str, list[tuple[int, int]]] = {}
+    for i, parent, leaf, _ in info:
+        if leaf.isdigit():
+            by_parent.setdefault(parent, []).append((int(leaf), i))
+    for members in by_parent.values():
+        members.sort()
+        cur = [members[0][1]]
+        for (pa, a), (pb, b) in zip(members, members[1:]):
+            if pb == pa + 1 and layers[a][1].out_features == layers[b][1].in_features:
+                cur.append(b)
+            else:
+                if len(cur) > 1:
+                    chains.append(cur)
+                cur = [b]
+        if len(cur) > 1:
+            chains.append(cur)
+    names = {name: i for i, (name, _) in enumerate(layers)}
+    for name, i in names.items():
+        parent, _, leaf = name.rpartition(".")
+        for first, second in _CHAIN_PAIRS:
+            if leaf == first:
+                j = names.get(f"{parent}.{second}" if parent else second)
+                if j is not None and layers[i][1].out_features == layers[j][1].in_features:
+                    chains.append([i, j])
+    return chains
