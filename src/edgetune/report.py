@@ -47,6 +47,33 @@ def plot_curves(records: list[dict[str, Any]], key: str, path: Path, title: str)
     return True
 
 
+def plot_method_metrics(records: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """One panel per method metric that changes over training (e.g. density, active neurons)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r.get("kind") == "method"]
+    keys = sorted({k for r in recs for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("step", "epoch")})
+    keys = [k for k in keys if len({r.get(k) for r in recs if k in r}) > 1][:6]
+    if not keys:
+        return False
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), dpi=100, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in recs if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
@@ -64,6 +91,8 @@ def write_report(run_dir: str | Path) -> Path:
     name = run_dir.name
     plots = [(f, t) for f, k, t in (("loss.png", "loss", "Loss"), ("accuracy.png", "acc", "Accuracy"))
              if plot_curves(records, k, run_dir / f, f"{t} — {name}")]
+    if plot_method_metrics(records, run_dir / "method.png", f"Method metrics — {name}"):
+        plots.append(("method.png", "Method metrics over training"))
     env = summary.get("environment", {})
     rows = [
         ("test accuracy", summary.get("test_acc")), ("test loss", summary.get("test_loss")),

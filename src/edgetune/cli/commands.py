@@ -168,4 +168,23 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
-ALL = [add_run, add_ls, add_validate, add_report, add_bench]
+# --------------------------------------------------------------------------------------- export
+def _export(args: argparse.Namespace) -> int:
+    from edgetune.sparse.export import export_run
+
+    rep = export_run(args.run_dir, args.out)
+    print(f"exported to {rep['out_dir']}: {rep['bytes_before']} -> {rep['bytes_after']} bytes, "
+          f"widths {rep['widths_before']} -> {rep['widths_after']}, "
+          f"latency batch 1 {rep['latency_ms_batch1_before']:.3f} -> {rep['latency_ms_batch1_after']:.3f} ms, "
+          f"test accuracy {rep['test_acc_before']:.4f} -> {rep['test_acc_after']:.4f}")
+    return 0
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a compact model of a finished run (sparse storage, dead neurons removed)")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
+    p.set_defaults(func=_export)
+
+
+ALL = [add_run, add_ls, add_validate, add_report, add_bench, add_export]

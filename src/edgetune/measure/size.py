@@ -2,10 +2,10 @@
 
 Non-zero protocol
 -----------------
-A module may report its own count of non-zero weights through an optional method ``nnz() -> int``.
+A module may report its own count of non-zero weights through an optional method ``count_nonzeros() -> int``.
 :func:`count_nonzeros` calls it instead of looking at that module's tensors (and those of its
 children), so a sparse layer that stores a dense weight plus a mask, or packed values plus indices,
-can say exactly how many weights it *really* has. A layer implementing ``nnz()`` must count every
+can say exactly how many weights it *really* has. A layer implementing ``count_nonzeros()`` must count every
 weight of its whole subtree. Everything else is counted from its tensors:
 
 - dense floating tensors: entries that are not zero (``torch.count_nonzero``);
@@ -66,7 +66,7 @@ def tensor_nonzeros(t: torch.Tensor) -> int:
 
 
 def _module_nonzeros(module: nn.Module, seen: set[int], include_buffers: bool) -> int:
-    nnz_fn = getattr(module, "nnz", None)
+    nnz_fn = getattr(module, "count_nonzeros", None)
     if callable(nnz_fn):
         return int(nnz_fn())
     total = 0
@@ -90,7 +90,7 @@ def count_nonzeros(
     """Non-zero weights of a module or a state dict.
 
     For a module, parameters are counted (floating buffers too with ``include_buffers``) and any
-    submodule with an ``nnz()`` method reports its own subtree. For a state dict every floating or
+    submodule with a ``count_nonzeros()`` method reports its own subtree. For a state dict every floating or
     sparse tensor is counted (a state dict does not say which entries are buffers).
     """
     if isinstance(model_or_state_dict, nn.Module):

@@ -33,8 +33,8 @@ from edgetune.core.state import atomic_write_json, load_tensors, save_tensors, s
 from edgetune.core.surgery import replace_module
 from edgetune.sparse.layer import SparseLinear
 
-__all__ = ["CompactionReport", "StorageRule", "choose_storage", "compact_mlp_", "apply_storage_rule_",
-           "save_exported", "load_exported", "export_run", "FORMAT", "VERSION"]
+__all__ = ["FORMAT", "VERSION", "CompactionReport", "StorageRule", "apply_storage_rule_", "choose_storage",
+           "compact_mlp_", "export_run", "load_exported", "save_exported"]
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,19 @@ class _Links:
     cols: Tensor
     vals: Tensor
     bias: Tensor | None
-    backend: str
 
     @classmethod
     def of(cls, layer: nn.Module) -> _Links:
         if isinstance(layer, SparseLinear):
             rows, cols = layer.indices.long()
-            vals, backend = layer.values.detach(), layer.backend
+            vals = layer.values.detach()
         else:
             w = layer.weight.detach()
             rows, cols = (w != 0).nonzero().t()
-            vals, backend = w[rows, cols], "auto"
+            vals = w[rows, cols]
         live = vals != 0  # a zero-valued link carries nothing: drop it (NaN stays)
         bias = layer.bias.detach().clone() if layer.bias is not None else None
-        return cls(layer.out_features, layer.in_features, rows[live], cols[live], vals[live].clone(), bias,
-                   backend)
+        return cls(layer.out_features, layer.in_features, rows[live], cols[live], vals[live].clone(), bias)
 
     def keep(self, sel: Tensor) -> None:
         self.rows, self.cols, self.vals = self.rows[sel], self.cols[sel], self.vals[sel]
@@ -124,8 +122,9 @@ class _Links:
         dt, dev = self.vals.dtype, self.vals.device
         kind = kind or choose_storage(self.out_f, self.in_f, self.vals.numel(), dt, rule)
         if kind == "sparse":
-            layer: nn.Module = SparseLinear(self.in_f, self.out_f, torch.stack([self.rows, self.cols]), self.vals,
-                                            bias=self.bias is not None, backend=self.backend, device=dev, dtype=dt)
+            links = torch.stack([self.rows, self.cols])  # (2, nnz)
+            layer: nn.Module = SparseLinear(self.in_f, self.out_f, links, self.vals,
+                                            bias=self.bias is not None, device=dev, dtype=dt)
         else:
             layer = nn.utils.skip_init(nn.Linear, self.in_f, self.out_f, bias=self.bias is not None,
                                        device=dev, dtype=dt)
@@ -171,17 +170,17 @@ def _activation_name(model: nn.Module) -> str:
 
 
 def _mlp_parts(model: nn.Module) -> tuple[list[nn.Module], list[nn.BatchNorm1d] | None, str]:
-    """The chain ``layers.0 .. layers.{L-1}, head``, the norms and the activation name; raise if not MLP-shaped."""
+    """The chain ``layers.0 .. layers.{L-1}, head``, the norms and the activation; raise if not an MLP."""
     layers, head = getattr(model, "layers", None), getattr(model, "head", None)
     if not isinstance(layers, nn.ModuleList) or head is None:
-        raise ConfigError(f"{type(model).__name__} is not an MLP (needs `layers` ModuleList and `head`); neuron "
-                          "compaction supports edgetune's MLP only: export other models without compaction")
+        raise ConfigError(f"{type(model).__name__} is not an MLP (needs a `layers` ModuleList and a `head`); "
+                          "neuron compaction supports edgetune's MLP only: export other models without it")
     chain = [*layers, head]
     names = [*(f"layers.{i}" for i in range(len(layers))), "head"]
     for name, layer in zip(names, chain, strict=True):
         if not isinstance(layer, (nn.Linear, SparseLinear)):
-            raise ConfigError(f"MLP layer {name!r} is a {type(layer).__name__}, not nn.Linear or SparseLinear; "
-                              "merge or remove adapters/wrappers before compacting")
+            raise ConfigError(f"MLP layer {name!r} is a {type(layer).__name__}, not nn.Linear or "
+                              "SparseLinear; merge or remove adapters/wrappers before compacting")
     for a, b, nb in zip(chain, chain[1:], names[1:], strict=False):
         if a.out_features != b.in_features:
             raise ConfigError(f"MLP layer {nb!r} takes {b.in_features} inputs but the layer before gives "
@@ -230,7 +229,8 @@ def compact_mlp_(model: nn.Module, *, rule: StorageRule | None = None) -> Compac
     links = [_Links.of(layer) for layer in chain]
     n_hidden = len(chain) - 1
     widths_before = tuple(lk.out_f for lk in links[:-1])
-    links_before = tuple(lk.vals.numel() for lk in links)
+    links_before = tuple(m.nnz() if isinstance(m, SparseLinear) else int((m.weight != 0).sum())
+                         for m in chain)
     keep = [torch.ones(w, dtype=torch.bool, device=lk.vals.device) for w, lk in zip(widths_before, links)]
     pinned = [torch.zeros_like(k) for k in keep]
     folded, cut, sweeps, changed = [0] * n_hidden, [0] * n_hidden, 0, True
@@ -291,9 +291,9 @@ def apply_storage_rule_(model: nn.Module, rule: StorageRule | None = None) -> nn
     """Turn every ``SparseLinear`` of ``model`` that :class:`StorageRule` prefers dense into ``nn.Linear``."""
     rule = rule or StorageRule()
     for name, m in list(model.named_modules()):
-        if isinstance(m, SparseLinear):
-            if choose_storage(m.out_features, m.in_features, m.nnz(), m.values.dtype, rule) == "dense":
-                replace_module(model, name, _Links.of(m).build(rule, m.training, kind="dense"))
+        if isinstance(m, SparseLinear) and choose_storage(m.out_features, m.in_features, m.nnz(),
+                                                          m.values.dtype, rule) == "dense":
+            replace_module(model, name, _Links.of(m).build(rule, m.training, kind="dense"))
     return model
 
 
@@ -312,8 +312,9 @@ def _architecture(model: nn.Module, builder: Mapping[str, Any] | None) -> tuple[
         chain, norms, act = _mlp_parts(model)
     except ConfigError as err:
         if builder is None:
-            raise ConfigError(f"{err}. To export a model that is not an MLP, pass builder={{'name', 'options', "
-                              "'input_shape', 'num_classes', 'task'}} (what edgetune.models.build_model needs)") from None
+            raise ConfigError(f"{err}. To export a model that is not an MLP, pass builder={{'name', "
+                              "'options', 'input_shape', 'num_classes', 'task'} (the arguments of "
+                              "edgetune.models.build_model)") from None
         sparse = {n: _layer_entry(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)}
         return str(builder["name"]), {"builder": dict(builder), "sparse_layers": sparse}
     names = [*(f"layers.{i}" for i in range(len(chain) - 1)), "head"]
@@ -348,24 +349,27 @@ def _read_manifest(out: Path) -> dict[str, Any]:
     path = out / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{out} is not an edgetune export folder: {path} is missing. Create one with "
-                              f"`edgetune export RUN_DIR --out {out}` (or edgetune.sparse.export.save_exported)")
+                              f"`edgetune export RUN_DIR --out {out}` (or save_exported in Python)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the export is damaged: export the run again") from None
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the export is damaged: export the run "
+                              "again") from None
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != FORMAT:
-        raise CheckpointError(f"{path} is not an edgetune export manifest (format {fmt!r}, expected {FORMAT!r}); "
-                              "point load_exported at a folder written by `edgetune export`")
+        raise CheckpointError(f"{path} is not an edgetune export manifest (format {fmt!r}, expected "
+                              f"{FORMAT!r}); point load_exported at a folder written by `edgetune export`")
     if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{path} has export version {manifest.get('version')!r} but this edgetune reads "
-                              f"version {VERSION}; use the edgetune release that wrote it, or export the run again")
+        raise CheckpointError(f"{path} has export version {manifest.get('version')!r} but this edgetune "
+                              f"reads version {VERSION}; use the edgetune release that wrote it, or export "
+                              "the run again")
     return manifest
 
 
 def _sparse_from(entry: Mapping[str, Any], sd: Mapping[str, Tensor], name: str, device: str) -> SparseLinear:
-    return SparseLinear(entry["in_features"], entry["out_features"], sd[f"{name}.indices"], sd[f"{name}.values"],
-                        bias=entry["bias"], backend=entry.get("backend", "auto"), device=device)
+    return SparseLinear(entry["in_features"], entry["out_features"], sd[f"{name}.indices"],
+                        sd[f"{name}.values"], bias=entry["bias"], backend=entry.get("backend", "auto"),
+                        device=device)
 
 
 def _build_mlp(arch: Mapping[str, Any], sd: Mapping[str, Tensor], device: str) -> nn.Module:
@@ -392,7 +396,8 @@ def _build_mlp(arch: Mapping[str, Any], sd: Mapping[str, Tensor], device: str) -
     return model
 
 
-def _build_registered(arch: Mapping[str, Any], sd: Mapping[str, Tensor], device: str, dtype: str) -> nn.Module:
+def _build_registered(arch: Mapping[str, Any], sd: Mapping[str, Tensor], device: str,
+                      dtype: str) -> nn.Module:
     from edgetune.models.base import ModelSpec, build_model
 
     b = arch["builder"]
@@ -411,7 +416,8 @@ def load_exported(out_dir: str | Path, device: str = "cpu") -> nn.Module:
     """
     out = Path(out_dir)
     manifest = _read_manifest(out)
-    tinfo = manifest.get("tensors") or {}
+    tinfo = manifest.get("tensors")
+    tinfo = tinfo if isinstance(tinfo, dict) else {}
     fname = str(tinfo.get("file", ""))
     tpath = out / fname
     if Path(fname).name != fname or not fname or not tpath.is_file():
@@ -419,19 +425,20 @@ def load_exported(out_dir: str | Path, device: str = "cpu") -> nn.Module:
                               "copy the whole export folder, or export the run again")
     sha = sha256_file(tpath)
     if sha != tinfo.get("sha256"):
-        raise CheckpointError(f"{tpath} is corrupt or was changed after export: its sha256 {sha[:16]}... differs "
-                              f"from {str(tinfo.get('sha256'))[:16]}... in {MANIFEST}; export the run again")
+        raise CheckpointError(f"{tpath} is corrupt or was changed after export: its sha256 {sha[:16]}... "
+                              f"differs from {str(tinfo.get('sha256'))[:16]}... in {MANIFEST}; export the "
+                              "run again")
     sd = load_tensors(tpath, device=device)
-    arch = manifest["architecture"]
     try:
-        if manifest["model"] == "mlp":
+        arch = manifest["architecture"]
+        if manifest.get("model") == "mlp":
             model = _build_mlp(arch, sd, device)
         else:
             model = _build_registered(arch, sd, device, manifest.get("dtype", "float32"))
         model.load_state_dict(sd, strict=True)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        hint = ("" if manifest["model"] == "mlp" else " Models other than MLPs rebuild from the model registry, "
-                "which works only when sparse layers were the recipe's only change to the model.")
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        hint = ("" if manifest.get("model") == "mlp" else " Models other than MLPs rebuild from the model "
+                "registry, which works only when sparse layers were the recipe's only change to the model.")
         raise CheckpointError(f"{tpath} does not fit the architecture in {out / MANIFEST}: "
                               f"{type(err).__name__}: {err}.{hint} Export the run again.") from None
     return model.eval()
@@ -485,7 +492,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, rule: 
     test = tuple(bundle.test.tensors)
     report: dict[str, Any] = {"run_dir": str(run_dir), "out_dir": str(out), "model": cfg.model.name,
                               "bytes_before": bytes_on_disk(run_dir / "model.safetensors"),
-                              "parameters_before": count_parameters(model), "nonzeros_before": count_nonzeros(model)}
+                              "parameters_before": count_parameters(model),
+                              "nonzeros_before": count_nonzeros(model)}
     try:
         _mlp_parts(model)
         compaction: CompactionReport | None = compact_mlp_(model, rule=rule)
@@ -493,14 +501,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, rule: 
         log.info("no neuron compaction (%s): applying the storage rule only", err)
         compaction = None
         apply_storage_rule_(model, rule)
-    builder = {"name": cfg.model.name, "options": cfg.model.options(), "input_shape": list(bundle.input_shape),
+    shape = list(bundle.input_shape)
+    builder = {"name": cfg.model.name, "options": cfg.model.options(), "input_shape": shape,
                "num_classes": bundle.num_classes, "task": bundle.task}
-    meta = {"source_run": str(run_dir.resolve()), "dataset": bundle.name, "input_shape": list(bundle.input_shape),
+    meta = {"source_run": str(run_dir.resolve()), "dataset": bundle.name, "input_shape": shape,
             "num_classes": bundle.num_classes, "task": bundle.task, "class_names": list(bundle.class_names),
             "compaction": compaction.as_dict() if compaction else None}
     save_exported(model, out, meta=meta, builder=builder)
     exported = load_exported(out)
-    report.update({"bytes_after": bytes_on_disk(out / TENSORS), "parameters_after": count_parameters(exported),
+    report.update({"bytes_after": bytes_on_disk(out / TENSORS),
+                   "parameters_after": count_parameters(exported),
                    "nonzeros_after": count_nonzeros(exported), "compacted": compaction is not None,
                    "widths_before": list(compaction.widths_before) if compaction else None,
                    "widths_after": list(compaction.widths_after) if compaction else None,

@@ -115,6 +115,9 @@ class SparseLinear(nn.Module):
     ``values`` ``(nnz,)``, ``bias`` ``(out,)``. Input ``(..., in)`` (any strides), output ``(..., out)``.
     """
 
+    # the number of links may change during training (density schedules): see train.checkpoint.model_fingerprint
+    variable_shape_tensors = ("indices", "values")
+
     def __init__(self, in_features: int, out_features: int, indices: Tensor, values: Tensor | None = None,
                  bias: bool = True, backend: str = "auto", *, transposed_output: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:

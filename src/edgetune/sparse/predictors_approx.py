@@ -14,9 +14,11 @@ with ``C_out = M Mᵀ``, ``F_out[a, b] = f(C_out[a, b], max(deg(b) - C_out[a, b]
 CH3-L3n: ``f(cn, e) = 1 / (1 + e)``; CH2-L3n: ``f(cn, e) = (1 + cn) / (1 + e)`` (the released default).
 
 The official code forms the dense ``(O, O)`` and ``(I, I)`` matrices; here each side is computed in
-row chunks, so the peak memory is the ``(O, I)`` result, one float copy of the mask and one chunk of
-``(rows, max(O, I))`` — an 11008x4096 or 14336x4096 layer never materialises ``O²`` entries.
-Counts are exact (float32 counts are exact up to 2^24; TF32 keeps 0/1 inputs exact).
+row chunks, so the peak memory is the ``(O, I)`` result, one or two float copies of the mask and one
+chunk of ``(rows, max(O, I))`` — an 11008x4096 or 14336x4096 layer never materialises ``O²`` entries
+(measured on CPU: peak ≈ 3.6 dense fp32 ``(O, I)`` matrices). On CPU below 25% density the products
+with the mask go through CSR (``nnz · O`` instead of ``O² · I`` work). Counts are exact (float32 counts
+are exact up to 2^24; TF32 keeps 0/1 inputs exact, though it rounds the factors ``F``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Literal
 import torch
 
 from edgetune.core.errors import ConfigError
-from edgetune.sparse.predictors_exact import as_mask, check_float_dtype
+from edgetune.sparse.predictors_exact import SPARSE_BELOW, as_mask, check_float_dtype, to_csr
 
 __all__ = ["ch3_l3n", "ch2_l3n", "node_scores"]
 
@@ -52,17 +54,23 @@ def _node_factor(common: torch.Tensor, degree: torch.Tensor, model: NodeModel) -
     return out.masked_fill_(none, 0.0)
 
 
-def _add_side(mf: torch.Tensor, out: torch.Tensor, model: NodeModel, chunk_rows: int) -> None:
-    """``out += F @ mf`` chunked over rows of ``F = f(mf mfᵀ)``; ``mf`` ``(R, C)`` float, ``out`` ``(R, C)``.
+def _add_side(m: torch.Tensor, out: torch.Tensor, model: NodeModel, chunk_rows: int, sparse: bool) -> None:
+    """``out += F @ m`` chunked over rows of ``F = f(m mᵀ)``; ``m`` ``(R, C)`` float 0/1, ``out`` ``(R, C)``.
 
-    ``out`` may be a strided view (the input side writes into the transposed result).
+    ``out`` may be a strided view (the input side writes into the transposed result). With ``sparse``
+    (CPU, low density) both products take the mask as CSR: ``nnz · R`` instead of ``R² · C`` work each.
     """
-    degree = mf.sum(1)  # (R,) degree of each row node
-    for start in range(0, mf.shape[0], chunk_rows):
+    degree = m.sum(1)  # (R,) degree of each row node
+    m_t = m.T.contiguous() if sparse else m.T  # (C, R)
+    m_t_csr = to_csr(m_t) if sparse else None
+    for start in range(0, m.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
-        common = mf[rows] @ mf.T  # (r, R) exact counts
+        common = (to_csr(m[rows]) @ m_t) if sparse else m[rows] @ m_t  # (r, R) exact counts
         f = _node_factor(common, degree, model)
-        out[rows] += f @ mf  # (r, C)
+        if m_t_csr is not None:
+            out[rows] += (m_t_csr @ f.T.contiguous()).T  # (F @ m)ᵀ = mᵀ @ Fᵀ: (C, r) -> (r, C)
+        else:
+            out[rows] += f @ m  # (r, C)
 
 
 def node_scores(
@@ -100,8 +108,9 @@ def node_scores(
     count_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     mf = mask.to(count_dtype)  # (O, I)
     rows = max(1, chunk_bytes // (count_dtype.itemsize * max(n_out, n_in)))
-    _add_side(mf, out, model, rows)  # Σ_b F_out[a, b] M[b, k]
-    _add_side(mf.T, out.T, model, rows)  # (Σ_i F_in[k, i] M[a, i]) written through out.T
+    sparse = mask.device.type == "cpu" and float(mask.sum()) < SPARSE_BELOW * mask.numel()
+    _add_side(mf, out, model, rows, sparse)  # Σ_b F_out[a, b] M[b, k]
+    _add_side(mf.T, out.T, model, rows, sparse)  # (Σ_i F_in[k, i] M[a, i]) written through out.T
     return out.masked_fill_(mask, fill_existing)
 
 

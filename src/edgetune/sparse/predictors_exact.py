@@ -37,13 +37,14 @@ import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
 
-__all__ = ["ch3_l3", "ch2_l3", "path_scores", "as_mask", "check_float_dtype", "common_neighbours"]
+__all__ = ["ch3_l3", "ch2_l3", "path_scores", "as_mask", "check_float_dtype", "common_neighbours", "to_csr"]
 
 log = logging.getLogger(__name__)
 
 PathModel = Literal["ch3", "ch2"]
 _BLOCK_BYTES_CPU = 16 * 2**20  # gathered block per batched matmul (tuned on 2 cores, 1024²-4096²)
 _BLOCK_BYTES_CUDA = 256 * 2**20
+SPARSE_BELOW = 0.25  # on CPU, products with the mask go through CSR below this density
 
 
 def as_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,13 @@ def check_float_dtype(dtype: torch.dtype) -> None:
         raise ConfigError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}.")
 
 
+def to_csr(x: torch.Tensor) -> torch.Tensor:
+    """``x.to_sparse_csr()`` without torch's "CSR support is in beta" notice (harmless here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return x.to_sparse_csr()
+
+
 def common_neighbours(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``C = M Mᵀ`` of shape ``(O, O)``: ``C[a, b]`` = number of inputs shared by outputs ``a`` and ``b``.
 
@@ -73,10 +81,8 @@ def common_neighbours(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     count_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     mf = mask.contiguous().to(count_dtype)
     density = float(mask.sum()) / max(mask.numel(), 1)
-    if mask.device.type == "cpu" and density < 0.25:
-        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": harmless here
-            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-            counts = mf.to_sparse_csr() @ mf.T.contiguous()
+    if mask.device.type == "cpu" and density < SPARSE_BELOW:
+        counts = to_csr(mf) @ mf.T.contiguous()
     else:
         counts = mf @ mf.T
     return counts.to(dtype)

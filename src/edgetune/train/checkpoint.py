@@ -33,8 +33,15 @@ _NAME = re.compile(r"^step-(\d{9})\.json$")
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, list[Any]]:
-    """Name -> [shape, dtype] of every parameter and buffer; two models with equal fingerprints can swap state."""
-    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()}
+    """Name -> [shape, dtype] of every parameter and buffer; two models with equal fingerprints can swap state.
+
+    A module may list tensors whose length changes during training (a sparse layer's links under a density
+    schedule) in ``variable_shape_tensors``; their shape is recorded as ``"dynamic:<ndim>"``.
+    """
+    dynamic = {f"{name}.{t}" if name else t for name, mod in model.named_modules()
+               for t in getattr(mod, "variable_shape_tensors", ())}
+    return {k: [f"dynamic:{v.dim()}" if k in dynamic else list(v.shape), str(v.dtype).removeprefix("torch.")]
+            for k, v in model.state_dict().items()}
 
 
 def check_fingerprint(saved: dict[str, list[Any]], model: nn.Module, where: Path) -> None:

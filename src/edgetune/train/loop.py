@@ -205,13 +205,13 @@ class Trainer:
                 f"checkpoint {ck.path} was written with methods {sorted(s['callbacks'])} but this run has "
                 f"{sorted(names)}; resume with the recipe that wrote it"
             )
+        for name, cb in zip(names, self.callbacks):  # callbacks validate their state before the model changes
+            cb.load_state_dict(s["callbacks"][name])
         self.model.load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         if self.scaler and s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
-        for name, cb in zip(names, self.callbacks):
-            cb.load_state_dict(s["callbacks"][name])
         set_rng_state(s["rng"])
         loop = s["loop"]
         self.state.step, self.state.epoch, self.batch_in_epoch = loop["step"], loop["epoch"], loop["batch"]

@@ -33,7 +33,7 @@ class _PackedSparse(nn.Module):
         self.register_buffer("mask", torch.zeros(5, 5, dtype=torch.bool))
         self.mask[0, :3] = True
 
-    def nnz(self) -> int:
+    def count_nonzeros(self) -> int:
         return int(self.mask.sum())
 
 

@@ -1,7 +1,8 @@
-"""Sparse export: exact neuron compaction (bias folding, cascades, batch norm), storage rule, export folder."""
+"""Sparse export: exact neuron compaction (bias folding, cascades, batch norm), storage rule, folders."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def test_random_chain_reaches_fixed_point_and_stays_exact() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), y0, atol=1e-10, rtol=0)
     chain = [*model.layers, model.head]
-    for a, b in zip(chain, chain[1:], strict=False):  # fixed point: every kept hidden neuron is alive
+    for a, b in itertools.pairwise(chain):  # fixed point: every kept hidden neuron is alive
         wa = a.to_dense_weight() if isinstance(a, SparseLinear) else a.weight
         wb = b.to_dense_weight() if isinstance(b, SparseLinear) else b.weight
         alive = (wa != 0).any(1) & (wb != 0).any(0)
@@ -189,13 +190,13 @@ def test_apply_storage_rule_turns_dense_ish_sparse_layer_into_linear() -> None:
 def test_save_load_round_trip_equal_outputs(tmp_path) -> None:
     model = _cascade_mlp("tanh", batch_norm=True)
     compact_mlp_(model, rule=StorageRule(max_sparse_density=1.0))
-    model.layers[0] = SparseLinear.from_dense(model.layers[0], torch.eye(2, 6, dtype=torch.bool))  # a sparse one
+    model.layers[0] = SparseLinear.from_dense(model.layers[0], torch.eye(2, 6, dtype=torch.bool))  # sparse
     out = save_exported(model, tmp_path / "exp", meta={"note": "x"})
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "edgetune-export" and manifest["version"] == 1 and manifest["model"] == "mlp"
     arch = manifest["architecture"]
     assert arch["activation"] == "tanh" and arch["batch_norm"] and arch["in_features"] == 6
-    assert [e["kind"] for e in arch["layers"]][0] == "sparse" and arch["layers"][0]["nnz"] == 2
+    assert arch["layers"][0]["kind"] == "sparse" and arch["layers"][0]["nnz"] == 2
     assert [e["out_features"] for e in arch["layers"]] == [2, 2, 3, 3]
     assert manifest["meta"] == {"note": "x"}
     loaded = load_exported(out)
