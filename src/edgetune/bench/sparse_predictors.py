@@ -19,7 +19,7 @@ import torch
 
 from edgetune.sparse.predictors import link_scores
 
-__all__ = ["OFFICIAL_SECONDS", "DEFAULT_SIZES", "random_mask", "topk_agreement", "predictor_rows"]
+__all__ = ["DEFAULT_SIZES", "OFFICIAL_SECONDS", "predictor_rows", "random_mask", "topk_agreement"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ DEFAULT_SIZES: tuple[tuple[int, int, float], ...] = (
 # Official figures in seconds (spec §2.3, medians on the same kind of random masks).
 # ("l3p", "cpu"): C++/OpenMP CH_scores extension on a 2-core machine like the CI box (CH3 and CH2
 # enumerate the same paths); 4096² at 5% ran > 300 s and has no figure.
-# ("l3n", "cpu"): the official dense formula in numpy on 2 cores; ("l3n", "cuda"): official torch fp32 on H100.
+# ("l3n", "cpu"): the official dense formula in numpy on 2 cores;
+# ("l3n", "cuda"): the official torch code in fp32 on an H100.
 OFFICIAL_SECONDS: dict[tuple[str, str], dict[tuple[int, int, float], float]] = {
     ("l3p", "cpu"): {
         (1024, 1024, 0.01): 0.66,
@@ -64,7 +65,7 @@ OFFICIAL_SECONDS: dict[tuple[str, str], dict[tuple[int, int, float], float]] = {
 
 
 def random_mask(n_out: int, n_in: int, density: float, seed: int) -> torch.Tensor:
-    """Seeded Erdős-Rényi mask ``(n_out, n_in)`` on the CPU with exactly ``round(density·n_out·n_in)`` links."""
+    """Seeded Erdős-Rényi mask ``(n_out, n_in)`` on the CPU with exactly ``round(density·out·in)`` links."""
     g = torch.Generator().manual_seed(seed)
     total = n_out * n_in
     mask = torch.zeros(total, dtype=torch.bool)
@@ -72,7 +73,9 @@ def random_mask(n_out: int, n_in: int, density: float, seed: int) -> torch.Tenso
     return mask.view(n_out, n_in)
 
 
-def topk_agreement(scores: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[float, float]:
+def topk_agreement(
+    scores: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor, k: int
+) -> tuple[float, float]:
     """Compare the top-``k`` candidates of ``scores`` with those of ``reference`` (both ``(O, I)``).
 
     Returns ``(overlap, valid)``: ``overlap`` = shared fraction of the two top-k sets (ties broken by
@@ -128,7 +131,7 @@ def predictor_rows(
         k = max(1, round(0.3 * int(mask.sum())))
         reference = link_scores(mask, "ch3_l3", dtype=torch.float64) if quality else None
         for method in methods:
-            seconds = _time(lambda m=method: link_scores(mask, m, dtype=dtype), repeats, device)
+            seconds = _time(lambda m=method, x=mask: link_scores(x, m, dtype=dtype), repeats, device)
             family = "l3n" if method.endswith("n") else "l3p"
             official = OFFICIAL_SECONDS.get((family, device.type), {}).get((n_out, n_in, density))
             row: dict[str, Any] = {

@@ -70,7 +70,7 @@ class Topology:
         if self._transposed is None:
             out_f, _ = self.shape
             key = self.cols.long() * out_f + self.rows.long()  # column-major position
-            perm = torch.argsort(key)
+            perm = torch.argsort(key).to(self.rows.dtype)  # int32 when the links are: 4 bytes a link
             cols_t = self.cols.index_select(0, perm)
             self._transposed = (_crow(cols_t, self.shape[1]), self.rows.index_select(0, perm), perm)
         return self._transposed
@@ -88,7 +88,7 @@ class _CsrLinearT(torch.autograd.Function):
         if bias is None:
             yt = torch.sparse.mm(w, xt)  # (out, N)
         else:  # start from the bias: saves the zero fill and a pass over the output
-            yt = bias.unsqueeze(1).expand(topo.shape[0], xt.shape[1]).contiguous()
+            yt = bias.unsqueeze(1).repeat(1, xt.shape[1])  # always a copy: addmm writes into it (N=1 too)
             torch.addmm(yt, w, xt, out=yt)
         ctx.save_for_backward(xt, values)
         ctx.topo = topo

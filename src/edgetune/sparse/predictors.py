@@ -27,7 +27,16 @@ from edgetune.core.errors import ConfigError, did_you_mean
 from edgetune.sparse.predictors_approx import ch2_l3n, ch3_l3n
 from edgetune.sparse.predictors_exact import ch2_l3, ch3_l3
 
-__all__ = ["METHODS", "Method", "link_scores", "ch3_l3", "ch2_l3", "ch3_l3n", "ch2_l3n", "sample_without_replacement"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "ch2_l3",
+    "ch2_l3n",
+    "ch3_l3",
+    "ch3_l3n",
+    "link_scores",
+    "sample_without_replacement",
+]
 
 log = logging.getLogger(__name__)
 

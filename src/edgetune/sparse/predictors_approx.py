@@ -16,7 +16,7 @@ CH3-L3n: ``f(cn, e) = 1 / (1 + e)``; CH2-L3n: ``f(cn, e) = (1 + cn) / (1 + e)`` 
 The official code forms the dense ``(O, O)`` and ``(I, I)`` matrices; here each side is computed in
 row chunks, so the peak memory is the ``(O, I)`` result, one or two float copies of the mask and one
 chunk of ``(rows, max(O, I))`` — an 11008x4096 or 14336x4096 layer never materialises ``O²`` entries
-(measured on CPU: peak ≈ 3.6 dense fp32 ``(O, I)`` matrices). On CPU below 25% density the products
+(measured on CPU: peak ≈ 3.6 dense fp32 ``(O, I)`` matrices). On CPU below 3% density the products
 with the mask go through CSR (``nnz · O`` instead of ``O² · I`` work). Counts are exact (float32 counts
 are exact up to 2^24; TF32 keeps 0/1 inputs exact, though it rounds the factors ``F``).
 """
@@ -29,15 +29,16 @@ from typing import Literal
 import torch
 
 from edgetune.core.errors import ConfigError
-from edgetune.sparse.predictors_exact import SPARSE_BELOW, as_mask, check_float_dtype, to_csr
+from edgetune.sparse.predictors_exact import as_mask, check_float_dtype, to_csr
 
-__all__ = ["ch3_l3n", "ch2_l3n", "node_scores"]
+__all__ = ["ch2_l3n", "ch3_l3n", "node_scores"]
 
 log = logging.getLogger(__name__)
 
 NodeModel = Literal["ch3", "ch2"]
 _CHUNK_BYTES_CPU = 64 * 2**20
 _CHUNK_BYTES_CUDA = 512 * 2**20
+SPARSE_BELOW = 0.03  # CPU: CSR products win clearly at 1% density, dense GEMMs at 5% (2 cores)
 
 
 def _node_factor(common: torch.Tensor, degree: torch.Tensor, model: NodeModel) -> torch.Tensor:
@@ -55,7 +56,7 @@ def _node_factor(common: torch.Tensor, degree: torch.Tensor, model: NodeModel) -
 
 
 def _add_side(m: torch.Tensor, out: torch.Tensor, model: NodeModel, chunk_rows: int, sparse: bool) -> None:
-    """``out += F @ m`` chunked over rows of ``F = f(m mᵀ)``; ``m`` ``(R, C)`` float 0/1, ``out`` ``(R, C)``.
+    """``out += F @ m`` chunked over rows of ``F = f(m mᵀ)``; ``m`` ``(R, C)`` float 0/1; ``out`` ``(R, C)``.
 
     ``out`` may be a strided view (the input side writes into the transposed result). With ``sparse``
     (CPU, low density) both products take the mask as CSR: ``nnz · R`` instead of ``R² · C`` work each.
@@ -114,11 +115,15 @@ def node_scores(
     return out.masked_fill_(mask, fill_existing)
 
 
-def ch3_l3n(mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0) -> torch.Tensor:
+def ch3_l3n(
+    mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0
+) -> torch.Tensor:
     """CH3-L3n scores ``(O, I)``: per intermediate node ``1 / (1 + e)``."""
     return node_scores(mask, "ch3", dtype=dtype, fill_existing=fill_existing)
 
 
-def ch2_l3n(mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0) -> torch.Tensor:
+def ch2_l3n(
+    mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0
+) -> torch.Tensor:
     """CH2-L3n scores ``(O, I)``: per intermediate node ``(1 + cn) / (1 + e)`` (CHTs default)."""
     return node_scores(mask, "ch2", dtype=dtype, fill_existing=fill_existing)

@@ -37,7 +37,7 @@ import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
 
-__all__ = ["ch3_l3", "ch2_l3", "path_scores", "as_mask", "check_float_dtype", "common_neighbours", "to_csr"]
+__all__ = ["as_mask", "ch2_l3", "ch3_l3", "check_float_dtype", "common_neighbours", "path_scores", "to_csr"]
 
 log = logging.getLogger(__name__)
 
@@ -102,46 +102,66 @@ def _lc_factor(common: torch.Tensor, degree: torch.Tensor, model: PathModel) -> 
     return out.masked_fill_(~valid, 0.0)
 
 
+def _padded_groups(
+    mask: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+    """Neighbour lists of the input nodes, sorted by degree, cut into groups padded to a common degree.
+
+    Returns ``order`` ``(I,)`` (input nodes by decreasing degree), ``table`` (flat int64, the
+    concatenated ``(B, D)`` blocks of output-node indices, ``O`` = padding) and the groups as
+    ``(first, B, D, offset)``: sorted inputs ``first .. first+B-1``, padded degree ``D``, position of the
+    block in ``table``. Each group holds at most ``max(1, block // (D·I))`` inputs.
+    """
+    n_out, n_in = mask.shape
+    device = mask.device
+    deg = mask.sum(0)  # (I,) degree of each input node
+    order = torch.argsort(deg, descending=True, stable=True)
+    degs = deg[order].tolist()
+    groups, start, offset = [], 0, 0
+    while start < n_in and degs[start] > 0:
+        d = degs[start]  # largest degree of the group (sorted descending)
+        b = min(max(1, block // (d * n_in)), n_in - start)
+        groups.append((start, b, d, offset))
+        start, offset = start + b, offset + b * d
+    n_used = start  # inputs with degree > 0
+    padded = torch.tensor([d for _, b, d, _ in groups for _ in range(b)], dtype=torch.long, device=device)
+    owner = torch.repeat_interleave(torch.arange(n_used, device=device), padded)  # sorted input per slot
+    slot = torch.arange(offset, device=device) - (torch.cumsum(padded, 0) - padded)[owner]  # 0 .. D-1
+    nbrs = mask.T.nonzero()[:, 1]  # (nnz,) output nodes, grouped by input node (CSR column indices)
+    ptr = torch.cumsum(deg, 0) - deg  # (I,) start of each input node's list in nbrs
+    src = order[owner]
+    pos = (ptr[src] + slot).clamp_max_(max(nbrs.numel() - 1, 0))
+    table = torch.where(slot < deg[src], nbrs[pos], n_out)
+    return order, table, groups
+
+
 def _path_sum(mask: torch.Tensor, v: torch.Tensor, u: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """``Σ_i score[N(i), :] += v[N(i), N(i)] @ (M[N(i), :] * u[i, :])``, batched over input nodes.
 
     ``mask`` (O, I) bool, ``v`` (O, O), ``u`` (I, I). Input nodes are sorted by degree and processed in
-    groups padded to the group's largest degree; padding points at an extra all-zero row ``O``.
-    Returns ``(O, I)`` in ``v.dtype``.
+    groups padded to the group's largest degree; padding points at an extra all-zero row ``O``. The
+    index tables are built once so each group costs six tensor ops (this keeps the 2-thread CPU
+    runtime steady when other processes compete for the cores). Returns ``(O, I)`` in ``v.dtype``.
     """
     n_out, n_in = mask.shape
     dtype, device = v.dtype, v.device
-    deg = mask.sum(0)  # (I,) degree of each input node
-    order = torch.argsort(deg, descending=True, stable=True)
-    nbrs = mask.T.nonzero()[:, 1]  # (nnz,) output nodes, grouped by input node (CSR column indices)
-    nnz = nbrs.numel()
-    ptr = torch.zeros(n_in + 1, dtype=torch.long, device=device)
-    ptr[1:] = torch.cumsum(deg, 0)
-    m_pad = torch.cat([mask, mask.new_zeros(1, n_in)]).to(dtype)  # (O+1, I), row O is padding
-    out = torch.zeros(n_out + 1, n_in, dtype=dtype, device=device)
-    degs = deg[order].tolist()
-    if nnz == 0:
+    out = torch.zeros(n_out + 1, n_in, dtype=dtype, device=device)  # row O collects the padding
+    if not bool(mask.any()):
         return out[:n_out]
-    block = max(block_bytes // dtype.itemsize, degs[0] * n_in)
+    block = max(block_bytes // dtype.itemsize, int(mask.sum(0).max()) * n_in)
+    order, table, groups = _padded_groups(mask, block)
+    table_c = table.clamp_max(n_out - 1)  # padded rows/cols of v only ever meet the zero row of m_pad
+    m_pad = torch.cat([mask, mask.new_zeros(1, n_in)]).to(dtype)  # (O+1, I)
     x_buf = torch.empty(block, dtype=dtype, device=device)
     y_buf = torch.empty(block, dtype=dtype, device=device)
-    start = 0
-    while start < n_in and degs[start] > 0:
-        d = degs[start]  # largest degree in this group (sorted descending)
-        g = order[start : start + max(1, block // (d * n_in))]
-        b = g.numel()
-        ar = torch.arange(d, device=device)
-        pos = (ptr[g][:, None] + ar[None, :]).clamp_max_(nnz - 1)  # (B, D)
-        idx = torch.where(ar[None, :] < deg[g][:, None], nbrs[pos], n_out)  # (B, D), n_out = pad
-        idx_c = idx.clamp_max(n_out - 1)  # padded rows/cols of v only meet the zero row of m_pad
+    for first, b, d, offset in groups:
+        idx = table[offset : offset + b * d]  # (B*D,) output nodes a (or b) of each input's list
+        idx_c = table_c[offset : offset + b * d].view(b, d)
         vb = v[idx_c[:, :, None], idx_c[:, None, :]]  # (B, D, D): v[a, b]
-        x = x_buf[: b * d * n_in].view(b * d, n_in)
-        torch.index_select(m_pad, 0, idx.view(-1), out=x)  # rows M[b, :]
-        x3 = x.view(b, d, n_in).mul_(u[g][:, None, :])  # (B, D, I): M[b, k] u[i, k]
-        y = y_buf[: b * d * n_in].view(b, d, n_in)
-        torch.bmm(vb, x3, out=y)  # (B, D, I): Σ_b v[a, b] M[b, k] u[i, k]
-        out.index_add_(0, idx.view(-1), y.view(b * d, n_in))
-        start += b
+        x = torch.index_select(m_pad, 0, idx, out=x_buf[: b * d * n_in].view(b * d, n_in))  # M[b, :]
+        x3 = x.view(b, d, n_in).mul_(u[order[first : first + b]][:, None, :])  # (B, D, I): M[b,k] u[i,k]
+        y = torch.bmm(vb, x3, out=y_buf[: b * d * n_in].view(b, d, n_in))  # Σ_b v[a,b] M[b,k] u[i,k]
+        out.index_add_(0, idx, y.view(b * d, n_in))
     return out[:n_out]
 
 
@@ -193,11 +213,15 @@ def path_scores(
     return scores if work == dtype else scores.to(dtype)
 
 
-def ch3_l3(mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0) -> torch.Tensor:
+def ch3_l3(
+    mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0
+) -> torch.Tensor:
     """Exact CH3-L3 scores ``(O, I)`` of a mask ``(O, I)``: Σ over length-3 paths of 1/sqrt((1+de)(1+de))."""
     return path_scores(mask, "ch3", dtype=dtype, fill_existing=fill_existing)
 
 
-def ch2_l3(mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0) -> torch.Tensor:
-    """Exact CH2-L3 scores ``(O, I)`` of a mask ``(O, I)``: Σ over paths of sqrt((1+di)(1+di)/((1+de)(1+de)))."""
+def ch2_l3(
+    mask: torch.Tensor, *, dtype: torch.dtype = torch.float32, fill_existing: float = 0.0
+) -> torch.Tensor:
+    """Exact CH2-L3 scores ``(O, I)`` of a mask ``(O, I)``: Σ_paths sqrt((1+di)(1+di) / ((1+de)(1+de)))."""
     return path_scores(mask, "ch2", dtype=dtype, fill_existing=fill_existing)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["reference_path_scores", "reference_node_scores"]
+__all__ = ["reference_node_scores", "reference_path_scores"]
 
 
 def _neighbours(mask: torch.Tensor) -> tuple[list[set[int]], list[set[int]]]:
@@ -64,7 +64,8 @@ def reference_path_scores(mask: torch.Tensor, model: str) -> torch.Tensor:
 def reference_node_scores(mask: torch.Tensor, model: str) -> torch.Tensor:
     """Node-based CH-L3n scores (CHTs approximation) by summing over intermediate nodes.
 
-    ``score(a, k) = Σ_{b ∈ N(k), cn(a,b) > 0} f(cn(a,b), e(a,b)) + Σ_{i ∈ N(a), cn'(k,i) > 0} f(cn'(k,i), e'(k,i))``
+    ``score(a, k) = Σ_{b ∈ N(k), cn(a,b) > 0} f(cn(a,b), e(a,b))``
+    ``+ Σ_{i ∈ N(a), cn'(k,i) > 0} f(cn'(k,i), e'(k,i))``
     with ``cn(a, b) = |N(a) ∩ N(b)|``, ``e(a, b) = max(deg(b) - cn(a, b) - 1, 0)`` (and the same on the
     input side); CH3-L3n ``f = 1 / (1 + e)``, CH2-L3n ``f = (1 + cn) / (1 + e)``. Existing links score 0.
 

@@ -43,10 +43,13 @@ def init_distributed(device: torch.device) -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group (after the last collective)."""
+    """Wait for every rank after the last collective.
+
+    The group is left to process exit: destroying a gloo group right after a barrier can race with a peer
+    still finishing that barrier and abort it ("terminate called without an active exception").
+    """
     if is_distributed():
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -54,20 +57,31 @@ def barrier() -> None:
         dist.barrier()
 
 
-def params_checksum(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer's bytes, in state-dict order."""
-    h = hashlib.sha256()
+def tensor_checksums(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of every parameter and buffer's bytes, by state-dict name."""
+    out = {}
     for k, v in model.state_dict().items():
+        out[k] = hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def params_checksum(model: nn.Module) -> str:
+    """One SHA-256 over every parameter and buffer, in state-dict order."""
+    h = hashlib.sha256()
+    for k, v in tensor_checksums(model).items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.encode())
     return h.hexdigest()
 
 
-def ranks_in_sync(model: nn.Module) -> tuple[bool, list[str]]:
-    """Gather every rank's checksum; True when all are equal."""
-    mine = params_checksum(model)
+def ranks_in_sync(model: nn.Module) -> tuple[bool, list[str], list[str]]:
+    """Gather every rank's checksums: (all equal, one checksum per rank, names of tensors that differ)."""
+    mine = tensor_checksums(model)
+    total = params_checksum(model)
     if not is_distributed():
-        return True, [mine]
-    gathered: list[str] = [""] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return len(set(gathered)) == 1, gathered
+        return True, [total], []
+    gathered: list[tuple[str, dict[str, str]]] = [("", {})] * dist.get_world_size()
+    dist.all_gather_object(gathered, (total, mine))
+    sums = [g[0] for g in gathered]
+    differ = sorted(k for k in mine if len({g[1].get(k) for g in gathered}) > 1)
+    return len(set(sums)) == 1, sums, differ

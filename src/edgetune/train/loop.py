@@ -327,12 +327,12 @@ class Trainer:
         self._hook("on_fit_end")
         summary: dict[str, Any] = {"steps": st.step, "epochs": st.epoch, **st.last_eval}
         if self.ws > 1:
-            in_sync, sums = ranks_in_sync(self.model)
+            in_sync, sums, differ = ranks_in_sync(self.model)
             self._log({"kind": "ddp_check", "step": st.step, "world_size": self.ws, "in_sync": in_sync,
-                       "checksums": sums})
+                       "checksums": sums, "differ": differ})
             summary["ddp_in_sync"] = in_sync
             if not in_sync:
-                log.error("DDP ranks hold different weights at the end of training: %s", sums)
+                log.error("DDP ranks hold different weights at the end of training, in: %s", ", ".join(differ))
         if self.metrics is not None:
             self.metrics.close()
         return summary

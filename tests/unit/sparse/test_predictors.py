@@ -1,4 +1,4 @@
-"""CH link predictors (exact L3p, node-based L3n) against brute force; weighted sampling without replacement."""
+"""CH link predictors (exact L3p, node-based L3n) against brute force; sampling without replacement."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
+from edgetune.sparse import predictors_approx
 from edgetune.sparse.predictors import METHODS, link_scores, sample_without_replacement
 from edgetune.sparse.predictors_approx import node_scores
 from edgetune.sparse.predictors_exact import path_scores
 from edgetune.testing.reference_predictors import reference_node_scores, reference_path_scores
 
-EXACT = dict(rtol=1e-12, atol=1e-12)
+EXACT = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def random_mask(n_out: int, n_in: int, density: float, seed: int) -> torch.Tensor:
@@ -32,7 +33,8 @@ def reference(mask: torch.Tensor, method: str) -> torch.Tensor:
 
 
 # Hand-computed case. Outputs o0..o2 (rows), inputs i0..i3 (columns):
-#   N(o0)={i0,i1,i2}  N(o1)={i0,i1,i3}  N(o2)={i1,i2}   N(i0)={o0,o1} N(i1)={o0,o1,o2} N(i2)={o0,o2} N(i3)={o1}
+#   N(o0)={i0,i1,i2}  N(o1)={i0,i1,i3}  N(o2)={i1,i2}
+#   N(i0)={o0,o1}  N(i1)={o0,o1,o2}  N(i2)={o0,o2}  N(i3)={o1}
 # Candidates (a,k) and their length-3 paths a-i-b-k, with (di, de) of i w.r.t. k and of b w.r.t. a,
 # di(i)=|N(i)∩N(k)|, de(i)=deg(i)-1-di(i), di(b)=|N(b)∩N(a)|, de(b)=deg(b)-1-di(b):
 #   (o0,i3): via i0,o1: i0 (1,0), o1 (2,0) | via i1,o1: i1 (1,1), o1 (2,0)
@@ -69,7 +71,14 @@ def test_hand_computed_case(method: str) -> None:
         torch.testing.assert_close(scores, expected, **EXACT)
 
 
-SHAPES = [(12, 15, 0.3, 1), (25, 18, 0.15, 2), (16, 40, 0.2, 3), (40, 9, 0.35, 4), (30, 30, 0.06, 5), (20, 20, 0.6, 6)]
+SHAPES = [
+    (12, 15, 0.3, 1),
+    (25, 18, 0.15, 2),
+    (16, 40, 0.2, 3),
+    (40, 9, 0.35, 4),
+    (30, 30, 0.06, 5),
+    (20, 20, 0.6, 6),
+]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -86,8 +95,12 @@ def test_exact_blocking_and_orientation_do_not_change_scores(model: str) -> None
     mask = random_mask(24, 13, 0.3, 7)
     expected = reference_path_scores(mask, model)
     # one input node per batched matmul (smallest block) versus everything in one block
-    torch.testing.assert_close(path_scores(mask, model, dtype=torch.float64, block_bytes=1), expected, **EXACT)
-    torch.testing.assert_close(path_scores(mask, model, dtype=torch.float64, block_bytes=2**30), expected, **EXACT)
+    torch.testing.assert_close(
+        path_scores(mask, model, dtype=torch.float64, block_bytes=1), expected, **EXACT
+    )
+    torch.testing.assert_close(
+        path_scores(mask, model, dtype=torch.float64, block_bytes=2**30), expected, **EXACT
+    )
     # score(Mᵀ) = score(M)ᵀ; the two calls group paths by different intermediates
     torch.testing.assert_close(path_scores(mask.T, model, dtype=torch.float64).T, expected, **EXACT)
 
@@ -103,11 +116,17 @@ def test_hub_mask_uses_cheaper_orientation_and_stays_exact() -> None:
 
 
 @pytest.mark.parametrize("model", ["ch3", "ch2"])
-@pytest.mark.parametrize("density", [0.2, 0.5])  # CSR products on CPU below 25% density, dense above
-def test_node_chunking_does_not_change_scores(model: str, density: float) -> None:
-    mask = random_mask(17, 29, density, 9)
+@pytest.mark.parametrize("sparse_below", [0.0, 1.0])  # CPU: dense GEMMs, or CSR products with the mask
+def test_node_chunking_and_csr_do_not_change_scores(
+    model: str, sparse_below: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(predictors_approx, "SPARSE_BELOW", sparse_below)
+    mask = random_mask(17, 29, 0.25, 9)
     expected = reference_node_scores(mask, model)
-    torch.testing.assert_close(node_scores(mask, model, dtype=torch.float64, chunk_bytes=1), expected, **EXACT)
+    torch.testing.assert_close(
+        node_scores(mask, model, dtype=torch.float64, chunk_bytes=1), expected, **EXACT
+    )
+    torch.testing.assert_close(node_scores(mask, model, dtype=torch.float64), expected, **EXACT)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -193,7 +212,11 @@ def test_sampling_matches_successive_draw_probabilities(chunk: int) -> None:
     flat = w.view(-1).tolist()
     total = sum(flat)
     pairs = list(itertools.combinations([0, 2, 3, 4], 2))
-    prob = {p: flat[p[0]] / total * flat[p[1]] / (total - flat[p[0]]) + flat[p[1]] / total * flat[p[0]] / (total - flat[p[1]]) for p in pairs}
+    prob = {
+        p: flat[p[0]] / total * flat[p[1]] / (total - flat[p[0]])
+        + flat[p[1]] / total * flat[p[0]] / (total - flat[p[1]])
+        for p in pairs
+    }
     n = 4000
     g = torch.Generator().manual_seed(1234)
     counts = dict.fromkeys(pairs, 0)

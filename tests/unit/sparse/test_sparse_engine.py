@@ -246,3 +246,16 @@ def test_sparse_layer_counts_in_measurements():
     dense_rest = sum(p.numel() for name, p in m.named_parameters() if not name.endswith("values"))
     assert count_nonzeros(m) <= n + dense_rest
     assert all(isinstance(l, SparseLinear) for _, l in sparse_layers(m))
+
+
+def test_batch_of_one_does_not_touch_the_bias():
+    """Regression: the CSR kernel once accumulated a batch-1 product into the bias itself."""
+    torch.manual_seed(0)
+    for backend in ("csr", "gather", "dense"):
+        layer = SparseLinear.from_dense(nn.Linear(8, 4), torch.rand(4, 8) < 0.5, backend=backend)
+        bias = layer.bias.detach().clone()
+        x = torch.randn(1, 8)
+        y1 = layer(x)
+        y2 = layer(x)
+        assert torch.equal(layer.bias.detach(), bias), backend
+        assert torch.allclose(y1, y2) and torch.allclose(y1, x @ layer.to_dense_weight().T + bias, atol=1e-6)
