@@ -56,7 +56,15 @@ def save_tensors(
     tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> str:
     """Write ``tensors`` as safetensors atomically; return the file's SHA-256."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:  # tied weights: safetensors wants one owner
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        flat[k] = t
     data = save(flat, metadata=dict(metadata) if metadata else None)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()

@@ -73,6 +73,17 @@ class SparseConfig(Config):
     backend: Literal["auto", "csr", "gather", "dense"] = "auto"
     seed: int | None = Field(default=None, ge=0)
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from edgetune.core.errors import did_you_mean
+        from edgetune.sparse.methods import SPARSE_METHODS
+
+        if v.lower() not in SPARSE_METHODS:
+            raise ValueError(f"unknown sparse method {v!r}.{did_you_mean(v.lower(), SPARSE_METHODS.names())} "
+                             f"Known: {', '.join(SPARSE_METHODS.names())}")
+        return v.lower()
+
     @field_validator("density")
     @classmethod
     def _density(cls, v: float) -> float:

@@ -49,8 +49,8 @@ def test_sparsify_errors_name_the_problem():
         validate(SparseConfig, {"density": 1.5})
     with pytest.raises(ConfigError, match="density"):
         validate(SparseConfig, {"density": 0})
-    with pytest.raises(ConfigError, match="unknown sparse method"):
-        SparseConfig(method="rigll").resolved()
+    with pytest.raises(ConfigError, match='unknown sparse method.*Did you mean "rigl"'):
+        validate(SparseConfig, {"method": "rigll"})
 
 
 def state_for(model, opt, steps_per_epoch=10, total=100) -> TrainState:
