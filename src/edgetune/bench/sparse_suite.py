@@ -1,0 +1,44 @@
+"""``sparse`` suite: link-prediction speed against the official CHT code, and sparse vs dense train steps.
+
+Rows of two kinds (column ``part``): ``predictors`` (one row per predictor and layer size, with the
+official C++/torch timings from the CHT spec beside ours) and ``train`` (the 784-1568-1568-1568-10 MLP,
+dense and at ``density``, one Adam step, time and state memory side by side in one process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from edgetune.bench.harness import BenchContext, register_suite
+
+QUICK_SIZES = [(256, 256, 0.05), (512, 512, 0.01)]
+FULL_SIZES = [(1024, 1024, 0.05), (2048, 2048, 0.01), (2048, 2048, 0.05), (4096, 4096, 0.01), (4096, 4096, 0.05)]
+LLM_SIZES = [(11008, 4096, 0.05), (14336, 4096, 0.05)]
+
+
+@register_suite("sparse", summary="CH link-prediction speed vs the official code; sparse vs dense MLP train step",
+                options={"part": "predictors | train | all (default all)", "density": "train-step density (0.01)",
+                         "batches": "train-step batch sizes (list)", "threads": "CPU threads for the train step",
+                         "llm": "also time the node-based predictors on LLM-size layers (default: on CUDA)"})
+def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
+    from edgetune.bench.sparse_predictors import predictor_rows
+    from edgetune.bench.sparse_train_speed import train_step_rows
+
+    part = ctx.option("part", "all")
+    if part in ("predictors", "all"):
+        sizes = QUICK_SIZES if ctx.quick else FULL_SIZES
+        for row in predictor_rows(sizes, ("ch3_l3", "ch2_l3", "ch3_l3n", "ch2_l3n"), repeats=1 if ctx.quick else 3,
+                                  device=ctx.device, seed=ctx.seed, quality=not ctx.quick):
+            yield {"part": "predictors", **row}
+        if ctx.option("llm", ctx.device.type == "cuda"):
+            for row in predictor_rows(LLM_SIZES, ("ch2_l3n", "ch3_l3n"), repeats=3, device=ctx.device, seed=ctx.seed):
+                yield {"part": "predictors", **row}
+    if part in ("train", "all"):
+        density = float(ctx.option("density", 0.01))
+        batches = ctx.option("batches", [32] if ctx.quick else [32, 128, 1024])
+        widths = (256, 256, 256) if ctx.quick else (1568, 1568, 1568)
+        for batch in batches if isinstance(batches, list) else [batches]:
+            for row in train_step_rows(density, widths, batch=int(batch), repeats=5 if ctx.quick else 20,
+                                       device=ctx.device, threads=ctx.option("threads", 2), seed=ctx.seed):
+                yield {"part": "train", **row}
