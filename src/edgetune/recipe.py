@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,15 @@ from edgetune.data.base import DATASETS, DataConfig
 from edgetune.models.base import MODELS
 from edgetune.train.config import TrainConfig
 
-__all__ = ["RunConfig", "ModelSection", "load_recipe", "recipe_schema", "list_recipes", "find_recipe",
-           "DEFAULT_RECIPE"]
+__all__ = [
+    "DEFAULT_RECIPE",
+    "ModelSection",
+    "RunConfig",
+    "find_recipe",
+    "list_recipes",
+    "load_recipe",
+    "recipe_schema",
+]
 
 DEFAULT_RECIPE = "foundation/default"
 
@@ -74,7 +81,7 @@ def _import_families() -> None:
                 raise
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema_for(names: tuple[str, ...]) -> type[RunConfig]:
     fields: dict[str, Any] = {n: (SECTIONS.entry(n).config | None, None) for n in names}
     return create_model("Recipe", __base__=RunConfig, **fields)
@@ -124,8 +131,8 @@ def load_recipe(source: str | Path | dict[str, Any] | None = None, overrides: Se
     data = dict(source) if isinstance(source, dict) else load_yaml(find_recipe(str(source)))
     data = apply_overrides(data, overrides)
     cfg = validate(recipe_schema(), data)
-    from edgetune.data import base as _  # noqa: F401
     from edgetune.data import _loaders  # noqa: F401
+    from edgetune.data import base as _  # noqa: F401
     from edgetune.models import _builders  # noqa: F401
 
     ds = DATASETS.entry(cfg.data.name)

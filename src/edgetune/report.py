@@ -11,7 +11,7 @@ from edgetune.core.errors import ConfigError
 from edgetune.core.state import atomic_write_bytes
 from edgetune.train.metrics import read_metrics
 
-__all__ = ["write_report", "plot_curves"]
+__all__ = ["plot_curves", "write_report"]
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from edgetune.models.base import ModelSpec, build_model
 from edgetune.recipe import RunConfig, recipe_schema
 from edgetune.train.loop import Trainer, resolve_device
 
-__all__ = ["RunResult", "run", "resume", "new_run_dir", "load_run_model"]
+__all__ = ["RunResult", "load_run_model", "new_run_dir", "resume", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,13 @@ def _apply_sections(model: torch.nn.Module, cfg: RunConfig, ctx: SectionContext)
 
 
 def _measure(model: torch.nn.Module, bundle: DataBundle, device: torch.device, run_dir: Path) -> dict[str, Any]:
-    from edgetune.measure import bytes_on_disk, count_nonzeros, count_parameters, measure_latency, peak_rss_bytes
+    from edgetune.measure import (
+        bytes_on_disk,
+        count_nonzeros,
+        count_parameters,
+        measure_latency,
+        peak_rss_bytes,
+    )
 
     x = [t[:1].to(device) for t in bundle.test.tensors[:-1]]
     model.eval()

@@ -18,7 +18,7 @@ from typing import Any
 
 from edgetune.bench.harness import BenchContext, register_suite
 
-__all__ = ["quality_table", "ALL_METHODS"]
+__all__ = ["ALL_METHODS", "quality_table"]
 
 log = logging.getLogger(__name__)
 ALL_METHODS = ("dense", "static", "set", "rigl", "cht", "chts", "chtss")

@@ -72,8 +72,8 @@ def _ls(args: argparse.Namespace) -> int:
     from edgetune.recipe import list_recipes, recipe_schema
 
     recipe_schema()  # imports families so their registries fill
-    import edgetune.data._loaders  # noqa: F401
-    import edgetune.models._builders  # noqa: F401
+    import edgetune.data._loaders
+    import edgetune.models._builders
 
     what = args.what
     if what == "recipes":

@@ -14,7 +14,7 @@ from edgetune.cli import commands
 from edgetune.cli.logs import setup_logging
 from edgetune.core.errors import EdgetuneError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("edgetune.cli")
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgetune: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - last line of defence: one line, not a stack dump
+    except Exception as err:
         if args.verbose > 1:
             raise
         log.debug("traceback", exc_info=True)

@@ -6,15 +6,15 @@ from edgetune.core.registry import Registry
 from edgetune.core.select import make_filter, select_modules
 
 __all__ = [
+    "CheckpointError",
     "Config",
-    "validate",
-    "apply_overrides",
-    "Registry",
-    "make_filter",
-    "select_modules",
-    "EdgetuneError",
     "ConfigError",
     "DataError",
-    "CheckpointError",
+    "EdgetuneError",
+    "Registry",
     "ShapeError",
+    "apply_overrides",
+    "make_filter",
+    "select_modules",
+    "validate",
 ]

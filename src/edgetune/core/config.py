@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
 
 from edgetune.core.errors import ConfigError, did_you_mean
 
-__all__ = ["Config", "validate", "load_yaml", "dump_yaml", "apply_overrides", "parse_override"]
+__all__ = ["Config", "apply_overrides", "dump_yaml", "load_yaml", "parse_override", "validate"]
 
 C = TypeVar("C", bound="Config")
 
@@ -31,7 +32,7 @@ class Config(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def replace(self: C, **changes: Any) -> C:
+    def replace(self, **changes: Any) -> Self:
         """Return a validated copy with ``changes`` applied."""
         return validate(type(self), {**self.to_dict(), **changes})
 

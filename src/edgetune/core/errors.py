@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["EdgetuneError", "ConfigError", "DataError", "CheckpointError", "ShapeError", "did_you_mean"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "EdgetuneError", "ShapeError", "did_you_mean"]
 
 
 class EdgetuneError(Exception):

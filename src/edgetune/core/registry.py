@@ -15,7 +15,7 @@ from edgetune.core.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "Entry"]
+__all__ = ["Entry", "Registry"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from edgetune.core.config import Config
 from edgetune.core.hooks import Callback
 from edgetune.core.registry import Registry
 
-__all__ = ["SectionContext", "SECTIONS", "register_section"]
+__all__ = ["SECTIONS", "SectionContext", "register_section"]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "sha256_file", "save_tensors", "load_tensors"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "load_tensors", "save_tensors", "sha256_file"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

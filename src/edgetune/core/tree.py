@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["split_tensors", "join_tensors"]
+__all__ = ["join_tensors", "split_tensors"]
 
 
 def split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:

@@ -20,7 +20,7 @@ from edgetune.core.config import Config, validate
 from edgetune.core.errors import DataError
 from edgetune.core.registry import Registry
 
-__all__ = ["DataConfig", "DataBundle", "DATASETS", "register_dataset", "load_dataset", "loader_options"]
+__all__ = ["DATASETS", "DataBundle", "DataConfig", "load_dataset", "loader_options", "register_dataset"]
 
 Task = Literal["classification", "lm", "seq2seq"]
 

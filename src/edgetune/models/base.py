@@ -18,7 +18,7 @@ from torch import nn
 from edgetune.core.config import Config, validate
 from edgetune.core.registry import Registry
 
-__all__ = ["ModelSpec", "MODELS", "register_model", "build_model"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "register_model"]
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,17 @@ from edgetune.sparse.predictors import link_scores, sample_without_replacement
 from edgetune.sparse.sparsify import layer_chains, sparse_layers, sparsify_
 
 __all__ = [
+    "SPARSE_METHODS",
     "SparseConfig",
     "SparseEngine",
     "SparseLinear",
-    "SPARSE_METHODS",
-    "sparsify_",
-    "sparse_layers",
+    "active_neuron_fraction",
     "layer_chains",
     "link_scores",
-    "sample_without_replacement",
     "remap_optimizer_state",
-    "active_neuron_fraction",
+    "sample_without_replacement",
+    "sparse_layers",
+    "sparsify_",
 ]
 
 

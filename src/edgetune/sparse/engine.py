@@ -21,7 +21,6 @@ from torch import nn
 from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.hooks import Callback, TrainState
 from edgetune.sparse.config import SparseConfig
-from edgetune.sparse.layer import SparseLinear
 from edgetune.sparse.percolation import percolate
 from edgetune.sparse.regrowth import regrow
 from edgetune.sparse.removal import (

@@ -13,7 +13,7 @@ import torch
 from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.sparse.predictors import link_scores, sample_without_replacement
 
-__all__ = ["random_regrowth", "gradient_regrowth", "ch_hard_regrowth", "ch_soft_regrowth", "regrow"]
+__all__ = ["ch_hard_regrowth", "ch_soft_regrowth", "gradient_regrowth", "random_regrowth", "regrow"]
 
 
 def _check(mask: torch.Tensor, k: int, like: torch.Tensor | None = None) -> int:

@@ -25,7 +25,7 @@ from edgetune.sparse.topology import (
     link_count,
 )
 
-__all__ = ["sparsify_", "sparse_layers", "layer_chains", "initial_mask"]
+__all__ = ["initial_mask", "layer_chains", "sparse_layers", "sparsify_"]
 
 log = logging.getLogger(__name__)
 

@@ -4,5 +4,13 @@ from edgetune.train.checkpoint import CheckpointManager
 from edgetune.train.config import CheckpointConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from edgetune.train.loop import Trainer, evaluate, resolve_device
 
-__all__ = ["Trainer", "evaluate", "resolve_device", "TrainConfig", "OptimizerConfig", "ScheduleConfig",
-           "CheckpointConfig", "CheckpointManager"]
+__all__ = [
+           "CheckpointConfig",
+           "CheckpointManager",
+           "OptimizerConfig",
+           "ScheduleConfig",
+           "TrainConfig",
+           "Trainer",
+           "evaluate",
+           "resolve_device",
+]

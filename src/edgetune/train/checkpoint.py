@@ -24,7 +24,7 @@ from edgetune.core.errors import CheckpointError
 from edgetune.core.state import atomic_write_json, load_tensors, save_tensors, sha256_file
 from edgetune.core.tree import join_tensors, split_tensors
 
-__all__ = ["CheckpointManager", "Checkpoint", "model_fingerprint", "check_fingerprint"]
+__all__ = ["Checkpoint", "CheckpointManager", "check_fingerprint", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 FORMAT = "edgetune-checkpoint"

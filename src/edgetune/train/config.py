@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edgetune.core.config import Config
 
-__all__ = ["OptimizerConfig", "ScheduleConfig", "CheckpointConfig", "TrainConfig"]
+__all__ = ["CheckpointConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig"]
 
 
 class OptimizerConfig(Config):

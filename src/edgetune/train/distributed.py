@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "params_checksum", "ranks_in_sync", "barrier", "shutdown"]
+__all__ = ["DistInfo", "barrier", "init_distributed", "is_distributed", "params_checksum", "ranks_in_sync", "shutdown"]
 
 log = logging.getLogger(__name__)
 

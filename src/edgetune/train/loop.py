@@ -32,7 +32,7 @@ from edgetune.train.distributed import DistInfo, barrier, init_distributed, rank
 from edgetune.train.metrics import MetricsLog
 from edgetune.train.optim import build_optimizer, build_scheduler
 
-__all__ = ["Trainer", "resolve_device", "evaluate"]
+__all__ = ["Trainer", "evaluate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100

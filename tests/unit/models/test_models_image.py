@@ -11,14 +11,6 @@ from edgetune.models import MLP, ModelSpec, build_model
 from edgetune.models.resnet import BasicBlock
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny models: threads only add contention on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -19,12 +19,6 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny models: threads only add contention on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _inputs(spec: ModelSpec, batch: int = 3) -> tuple[torch.Tensor, ...]:

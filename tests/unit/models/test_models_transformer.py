@@ -15,12 +15,6 @@ from edgetune.models import CausalLM, ModelSpec, MultiHeadAttention, Seq2SeqTran
 TINY = {"dim": 32, "depth": 2, "heads": 4, "max_len": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny models: threads only add contention on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _naive_attention(

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from edgetune.core.config import validate
 from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.hooks import Callback, TrainState
-from edgetune.core.config import validate
 from edgetune.train.checkpoint import CheckpointManager
 from edgetune.train.config import ScheduleConfig, TrainConfig
 from edgetune.train.loop import Trainer

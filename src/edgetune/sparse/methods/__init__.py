@@ -19,4 +19,4 @@ def register_sparse_method(name: str, defaults: dict[str, Any], summary: str) ->
     SPARSE_METHODS.add(name, dict(defaults), summary=summary)
 
 
-from edgetune.sparse.methods import cht, chts, chtss, rigl, set_, static  # noqa: E402,F401  (registration)
+from edgetune.sparse.methods import cht, chts, chtss, rigl, set_, static  # noqa: F401  (registration)
