@@ -117,14 +117,35 @@ def predictor_rows(
     *,
     dtype: torch.dtype = torch.float32,
     quality: bool = False,
+    num_threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Time each predictor on a seeded random mask of each size ``(n_out, n_in, density)``.
 
-    Returns rows ``{method, n_out, n_in, density, device, dtype, median_s, official_s,
+    Returns rows ``{method, n_out, n_in, density, device, dtype, threads, median_s, official_s,
     speedup_vs_official}`` (``official_s`` None where the spec has no figure), plus ``topk_overlap`` and
     ``topk_valid`` against float64 exact CH3-L3 when ``quality`` (costs one extra exact run per size).
+    ``num_threads`` sets torch's CPU threads for the run (restored afterwards): on a shared machine,
+    2 OpenMP threads competing with other processes can run ~5x slower than 1 thread.
     """
     device = torch.device(device)
+    threads_before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _rows(sizes, methods, repeats, device, seed, dtype, quality)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _rows(
+    sizes: Sequence[tuple[int, int, float]],
+    methods: Sequence[str],
+    repeats: int,
+    device: torch.device,
+    seed: int,
+    dtype: torch.dtype,
+    quality: bool,
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for n_out, n_in, density in sizes:
         mask = random_mask(n_out, n_in, density, seed).to(device)
@@ -141,6 +162,7 @@ def predictor_rows(
                 "density": density,
                 "device": str(device),
                 "dtype": str(dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads() if device.type == "cpu" else None,
                 "median_s": seconds,
                 "official_s": official,
                 "speedup_vs_official": None if official is None else official / seconds,

@@ -19,12 +19,16 @@ and, grouping the paths by their input-side intermediate ``i`` with neighbourhoo
 
     score[N(i), :] += V[N(i), N(i)] @ (M[N(i), :] * U[i, :])        # (d_i, d_i) @ (d_i, I)
 
-This is exact (every path is counted once: ``a, b ∈ N(i)``, ``M[b, k]`` closes the path) and turns the
-path enumeration of the official C++/OpenMP code into batched dense matmuls: time ``Σ_i d_i² · I``
+This is exact (every path is counted once: ``a, b ∈ N(i)``, ``M[b, k]`` closes the path, and ``b = a``
+drops out because ``V[a, a] = 0``, see below) and turns the path enumeration of the official C++/OpenMP code into batched dense matmuls: time ``Σ_i d_i² · I``
 multiply-adds plus ``nnz · I`` gathered/scattered entries, memory ``O² + I² + O·I`` plus a bounded block.
 Factors whose denominator ``deg - C`` is 0 belong only to paths ending on existing links (``N(i) ⊆ N(k)``
 forces ``a ∈ N(k)``) and are set to 0, as are factors with ``C = 0`` (no path). By the ``M ↔ Mᵀ``
 symmetry of the definitions, ``score(Mᵀ) = score(M)ᵀ``; the cheaper orientation is used.
+
+Measured on 2 shared CPU cores, one thread, float32 (CH3-L3, random masks): 1024² at 5% 0.22 s,
+2048² at 1% 0.39 s, 2048² at 5% 2.2 s, 4096² at 1% 2.9 s, 4096² at 5% 24 s — 15-68x faster than the
+official extension with two threads (10.5 s, 6.1 s, 152 s, 73 s, > 300 s).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
 
-__all__ = ["as_mask", "ch2_l3", "ch3_l3", "check_float_dtype", "common_neighbours", "path_scores", "to_csr"]
+__all__ = ["as_mask", "ch2_l3", "ch3_l3", "check_float_dtype", "path_scores", "to_csr"]
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +76,6 @@ def to_csr(x: torch.Tensor) -> torch.Tensor:
         return x.to_sparse_csr()
 
 
-def common_neighbours(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``C = M Mᵀ`` of shape ``(O, O)``: ``C[a, b]`` = number of inputs shared by outputs ``a`` and ``b``.
-
-    Counts are exact: computed in float32 (integers up to 2^24) or float64, through a CSR product on
-    CPU (faster than dense below ~25% density) and a dense matmul elsewhere.
-    """
-    count_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    mf = mask.contiguous().to(count_dtype)
-    density = float(mask.sum()) / max(mask.numel(), 1)
-    if mask.device.type == "cpu" and density < SPARSE_BELOW:
-        counts = to_csr(mf) @ mf.T.contiguous()
-    else:
-        counts = mf @ mf.T
-    return counts.to(dtype)
-
-
 def _lc_factor(common: torch.Tensor, degree: torch.Tensor, model: PathModel) -> torch.Tensor:
     """Per-intermediate factor from ``common`` (= di) and ``degree - common`` (= 1 + de), in place.
 
@@ -103,18 +91,17 @@ def _lc_factor(common: torch.Tensor, degree: torch.Tensor, model: PathModel) -> 
 
 
 def _padded_groups(
-    mask: torch.Tensor, block: int
+    deg: torch.Tensor, ptr: torch.Tensor, nbrs: torch.Tensor, n_out: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
     """Neighbour lists of the input nodes, sorted by degree, cut into groups padded to a common degree.
 
-    Returns ``order`` ``(I,)`` (input nodes by decreasing degree), ``table`` (flat int64, the
-    concatenated ``(B, D)`` blocks of output-node indices, ``O`` = padding) and the groups as
-    ``(first, B, D, offset)``: sorted inputs ``first .. first+B-1``, padded degree ``D``, position of the
-    block in ``table``. Each group holds at most ``max(1, block // (D·I))`` inputs.
+    ``deg`` ``(I,)`` int64 degrees; ``ptr`` ``(I,)`` and ``nbrs`` ``(nnz,)``: CSR of ``Mᵀ`` (the output
+    nodes of input ``i`` are ``nbrs[ptr[i] : ptr[i] + deg[i]]``). Returns ``order`` ``(I,)`` (inputs by
+    decreasing degree), ``table`` (flat int64, the concatenated ``(B, D)`` blocks of output nodes,
+    ``n_out`` = padding) and the groups as ``(first, B, D, offset)``: sorted inputs ``first ..
+    first+B-1``, padded degree ``D``, position in ``table``; at most ``max(1, block // (D·I))`` inputs each.
     """
-    n_out, n_in = mask.shape
-    device = mask.device
-    deg = mask.sum(0)  # (I,) degree of each input node
+    n_in, device = deg.numel(), deg.device
     order = torch.argsort(deg, descending=True, stable=True)
     degs = deg[order].tolist()
     groups, start, offset = [], 0, 0
@@ -123,41 +110,43 @@ def _padded_groups(
         b = min(max(1, block // (d * n_in)), n_in - start)
         groups.append((start, b, d, offset))
         start, offset = start + b, offset + b * d
-    n_used = start  # inputs with degree > 0
     padded = torch.tensor([d for _, b, d, _ in groups for _ in range(b)], dtype=torch.long, device=device)
-    owner = torch.repeat_interleave(torch.arange(n_used, device=device), padded)  # sorted input per slot
+    owner = torch.repeat_interleave(torch.arange(start, device=device), padded)  # sorted input per slot
     slot = torch.arange(offset, device=device) - (torch.cumsum(padded, 0) - padded)[owner]  # 0 .. D-1
-    nbrs = mask.T.nonzero()[:, 1]  # (nnz,) output nodes, grouped by input node (CSR column indices)
-    ptr = torch.cumsum(deg, 0) - deg  # (I,) start of each input node's list in nbrs
     src = order[owner]
-    pos = (ptr[src] + slot).clamp_max_(max(nbrs.numel() - 1, 0))
+    pos = (ptr[src] + slot).clamp_max_(nbrs.numel() - 1)
     table = torch.where(slot < deg[src], nbrs[pos], n_out)
     return order, table, groups
 
 
-def _path_sum(mask: torch.Tensor, v: torch.Tensor, u: torch.Tensor, block_bytes: int) -> torch.Tensor:
+def _path_sum(
+    m_pad: torch.Tensor, v: torch.Tensor, u: torch.Tensor, lists: tuple[torch.Tensor, ...], block_bytes: int
+) -> torch.Tensor:
     """``Σ_i score[N(i), :] += v[N(i), N(i)] @ (M[N(i), :] * u[i, :])``, batched over input nodes.
 
-    ``mask`` (O, I) bool, ``v`` (O, O), ``u`` (I, I). Input nodes are sorted by degree and processed in
-    groups padded to the group's largest degree; padding points at an extra all-zero row ``O``. The
-    index tables are built once so each group costs six tensor ops (this keeps the 2-thread CPU
-    runtime steady when other processes compete for the cores). Returns ``(O, I)`` in ``v.dtype``.
+    ``m_pad`` ``(O+1, I)`` float mask with an all-zero last row, ``v`` ``(O, O)``, ``u`` ``(I, I)``,
+    ``lists`` = ``(deg, ptr, nbrs)`` as in :func:`_padded_groups`. Input nodes are sorted by degree and
+    processed in groups padded to the group's largest degree (padding = the zero row). The index tables
+    are built once, so each group costs eight tensor ops: few OpenMP regions keep the CPU runtime steady
+    when other processes compete for the cores. Returns ``(O, I)`` in ``v.dtype``.
     """
-    n_out, n_in = mask.shape
+    n_out, n_in = m_pad.shape[0] - 1, m_pad.shape[1]
     dtype, device = v.dtype, v.device
+    deg, ptr, nbrs = lists
     out = torch.zeros(n_out + 1, n_in, dtype=dtype, device=device)  # row O collects the padding
-    if not bool(mask.any()):
+    if nbrs.numel() == 0:
         return out[:n_out]
-    block = max(block_bytes // dtype.itemsize, int(mask.sum(0).max()) * n_in)
-    order, table, groups = _padded_groups(mask, block)
+    block = max(block_bytes // dtype.itemsize, int(deg.max()) * n_in)
+    order, table, groups = _padded_groups(deg, ptr, nbrs, n_out, block)
     table_c = table.clamp_max(n_out - 1)  # padded rows/cols of v only ever meet the zero row of m_pad
-    m_pad = torch.cat([mask, mask.new_zeros(1, n_in)]).to(dtype)  # (O+1, I)
+    v = v.contiguous()  # flat gathers below
     x_buf = torch.empty(block, dtype=dtype, device=device)
     y_buf = torch.empty(block, dtype=dtype, device=device)
     for first, b, d, offset in groups:
-        idx = table[offset : offset + b * d]  # (B*D,) output nodes a (or b) of each input's list
+        idx = table[offset : offset + b * d]  # (B*D,) the output nodes of each input node's list
         idx_c = table_c[offset : offset + b * d].view(b, d)
-        vb = v[idx_c[:, :, None], idx_c[:, None, :]]  # (B, D, D): v[a, b]
+        flat = (idx_c[:, :, None] * n_out + idx_c[:, None, :]).view(-1)  # 1-D gather: ~10x faster
+        vb = v.view(-1).index_select(0, flat).view(b, d, d)  # (B, D, D): v[a, b]
         x = torch.index_select(m_pad, 0, idx, out=x_buf[: b * d * n_in].view(b * d, n_in))  # M[b, :]
         x3 = x.view(b, d, n_in).mul_(u[order[first : first + b]][:, None, :])  # (B, D, I): M[b,k] u[i,k]
         y = torch.bmm(vb, x3, out=y_buf[: b * d * n_in].view(b, d, n_in))  # Σ_b v[a,b] M[b,k] u[i,k]
@@ -196,20 +185,31 @@ def path_scores(
     n_out, n_in = mask.shape
     if mask.numel() == 0:
         return torch.zeros(n_out, n_in, dtype=dtype, device=mask.device)
-    deg_out, deg_in = mask.sum(1), mask.sum(0)
-    # Σ_i d_i² · I (group by input node) versus Σ_b d_b² · O (same on the transposed mask)
-    cost_in = float((deg_in.double() ** 2).sum()) * n_in
-    cost_out = float((deg_out.double() ** 2).sum()) * n_out
-    if cost_out < cost_in:
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    m_pad = torch.zeros(n_out + 1, n_in, dtype=work, device=mask.device)
+    mf = m_pad[:n_out].copy_(mask)  # (O, I) float view; row O of m_pad stays 0 (padding)
+    deg_out, deg_in = mf.sum(1), mf.sum(0)
+    # work Σ_i d_i² · I when grouping by input node, Σ_b d_b² · O on the transposed mask
+    if float(deg_out.square().sum()) * n_out < float(deg_in.square().sum()) * n_in:
+        log.debug("path scores of a %dx%d mask: grouping paths by output nodes (cheaper)", n_out, n_in)
         return path_scores(
             mask.T, model, dtype=dtype, fill_existing=fill_existing, block_bytes=block_bytes
         ).T.contiguous()
     if block_bytes is None:
         block_bytes = _BLOCK_BYTES_CUDA if mask.device.type == "cuda" else _BLOCK_BYTES_CPU
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    v = _lc_factor(common_neighbours(mask, work), deg_out.to(work)[None, :], model)  # v[a, b]: deg(b)
-    u = _lc_factor(common_neighbours(mask.T, work), deg_in.to(work)[:, None], model)  # u[i, k]: deg(i)
-    scores = _path_sum(mask, v, u, block_bytes).masked_fill_(mask, fill_existing)
+    mft = mf.T.contiguous()  # (I, O)
+    deg = deg_in.long()
+    if mask.device.type == "cpu" and float(deg_in.sum()) < SPARSE_BELOW * mask.numel():
+        csr, csr_t = to_csr(mf), to_csr(mft)  # CSR of M and of Mᵀ
+        c_out, c_in = csr @ mft, csr_t @ mf  # exact counts (integers, float32 exact below 2^24)
+        lists = (deg, csr_t.crow_indices()[:-1], csr_t.col_indices())
+    else:
+        c_out, c_in = mf @ mft, mft @ mf
+        lists = (deg, torch.cumsum(deg, 0) - deg, mask.T.nonzero()[:, 1])
+    v = _lc_factor(c_out, deg_out[None, :], model)  # (O, O): v[a, b] uses deg(b)
+    u = _lc_factor(c_in, deg_in[:, None], model)  # (I, I): u[i, k] uses deg(i)
+    del c_out, c_in, mft
+    scores = _path_sum(m_pad, v, u, lists, block_bytes).masked_fill_(mask, fill_existing)
     return scores if work == dtype else scores.to(dtype)
 
 

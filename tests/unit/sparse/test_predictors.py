@@ -246,3 +246,19 @@ def test_sampling_errors() -> None:
         sample_without_replacement(torch.tensor([1.0, float("-inf")]), 1)
     with pytest.raises(ConfigError, match="non-negative integer"):
         sample_without_replacement(w, -1)
+
+
+# ---------------------------------------------------------------- benchmark rows
+
+
+def test_benchmark_rows_and_topk_agreement() -> None:
+    from edgetune.bench.sparse_predictors import predictor_rows, topk_agreement
+
+    rows = predictor_rows([(48, 40, 0.1)], ["ch3_l3", "ch2_l3n"], repeats=1, quality=True, num_threads=1)
+    assert [r["method"] for r in rows] == ["ch3_l3", "ch2_l3n"]
+    assert all(r["median_s"] > 0 and r["official_s"] is None and r["threads"] == 1 for r in rows)
+    assert rows[0]["topk_overlap"] == rows[0]["topk_valid"] == 1.0  # float32 vs float64 exact: same pick
+    mask = random_mask(30, 30, 0.1, 16)
+    s = link_scores(mask, "ch3_l3", dtype=torch.float64)
+    assert topk_agreement(s, s, mask, 20) == (1.0, 1.0)
+    assert topk_agreement(-s, s, mask, 20)[1] < 0.5  # reversed ranking is not a valid top-k
