@@ -179,7 +179,8 @@ def link_keys(indices: Tensor, n_cols: int) -> Tensor:
 def match_links(old_indices: Tensor, new_indices: Tensor) -> tuple[Tensor, Tensor]:
     """Where each new link sits among the old ones.
 
-    Both ``(2, n)`` and sorted row-major without duplicates. Returns ``found`` ``(n_new,)`` bool and
+    Both ``(2, n)``; ``old_indices`` sorted row-major without duplicates, ``new_indices`` in any order.
+    Returns ``found`` ``(n_new,)`` bool and
     ``pos`` ``(n_new,)`` int64: ``old[:, pos[i]] == new[:, i]`` wherever ``found[i]``.
     """
     n_cols = int(max(int(old_indices[1].max()) if old_indices.numel() else 0,
