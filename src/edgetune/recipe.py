@@ -132,7 +132,6 @@ def load_recipe(source: str | Path | dict[str, Any] | None = None, overrides: Se
     data = apply_overrides(data, overrides)
     cfg = validate(recipe_schema(), data)
     from edgetune.data import _loaders  # noqa: F401
-    from edgetune.data import base as _  # noqa: F401
     from edgetune.models import _builders  # noqa: F401
 
     ds = DATASETS.entry(cfg.data.name)

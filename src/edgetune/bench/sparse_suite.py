@@ -29,7 +29,8 @@ def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     if part in ("predictors", "all"):
         sizes = QUICK_SIZES if ctx.quick else FULL_SIZES
         for row in predictor_rows(sizes, ("ch3_l3", "ch2_l3", "ch3_l3n", "ch2_l3n"), repeats=1 if ctx.quick else 3,
-                                  device=ctx.device, seed=ctx.seed, quality=not ctx.quick):
+                                  device=ctx.device, seed=ctx.seed, quality=not ctx.quick,
+                                  num_threads=ctx.option("threads")):
             yield {"part": "predictors", **row}
         if ctx.option("llm", ctx.device.type == "cuda"):
             for row in predictor_rows(LLM_SIZES, ("ch2_l3n", "ch3_l3n"), repeats=3, device=ctx.device, seed=ctx.seed):
