@@ -72,11 +72,14 @@ SUITES: Registry[SuiteFn] = Registry("bench suite")
 
 
 def register_suite(
-    name: str, summary: str = "", *, options: Mapping[str, str] | None = None
+    name: str, summary: str = "", *, options: Mapping[str, str] | None = None,
+    table: Callable[[Path], str] | None = None,
 ) -> Callable[[SuiteFn], SuiteFn]:
     """Decorator registering a suite. ``options`` maps the option names it reads to a description;
-    when given, :func:`run_suite` rejects other option names."""
-    return SUITES.register(name, summary=summary, options=dict(options) if options is not None else None)
+    when given, :func:`run_suite` rejects other option names. ``table(csv_path)`` renders every row of the
+    results CSV as Markdown; when given, :func:`run_suite` rewrites ``<stem>.md`` next to the CSV after each run."""
+    return SUITES.register(name, summary=summary, options=dict(options) if options is not None else None,
+                           table=table)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -226,6 +229,8 @@ def run_suite(
     record = {"suite": entry.name, "environment": env_info, "options": {k: _cell(v) for k, v in opts.items()},
               "rows": rows}
     atomic_write_json(csv_path.with_name(f"{csv_path.stem}.last.json"), record)
+    if entry.meta.get("table") is not None:
+        atomic_write_bytes(csv_path.with_suffix(".md"), entry.meta["table"](csv_path).encode())
     log.info("bench suite %r: %d rows appended to %s", entry.name, len(rows), csv_path)
     return rows
 

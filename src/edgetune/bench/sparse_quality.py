@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import logging
 import statistics
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from edgetune.bench.harness import BenchContext, register_suite
 
@@ -32,7 +33,8 @@ def _as_list(v: Any) -> list[Any]:
                 options={"recipe": "recipe to run (default sparse/fmnist-mlp-1pct)",
                          "methods": "list of methods (dense = no sparse section)", "seeds": "list of seeds",
                          "epochs": "override train.epochs", "density": "override sparse.density",
-                         "set": "extra key=value overrides (list)"})
+                         "set": "extra key=value overrides (list)"},
+                table=lambda path: quality_table(path))
 def _sparse_quality(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     from edgetune.recipe import load_recipe
     from edgetune.runner import run
@@ -40,45 +42,60 @@ def _sparse_quality(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     recipe = ctx.option("recipe", "sparse/fmnist-mlp-1pct")
     methods = _as_list(ctx.option("methods", ["dense", "set", "chts"] if ctx.quick else list(ALL_METHODS)))
     seeds = _as_list(ctx.option("seeds", [0] if ctx.quick else [0, 1, 2]))
-    extra = [str(x) for x in _as_list(ctx.option("set", []))]
+    extra = ["data.name=digits", "model.widths=[256,256,256]", "sparse.density=0.1", "train.epochs=8"] if ctx.quick else []
+    extra += [str(x) for x in _as_list(ctx.option("set", []))]
     if ctx.option("epochs") is not None:
         extra.append(f"train.epochs={ctx.option('epochs')}")
     if ctx.option("density") is not None:
         extra.append(f"sparse.density={ctx.option('density')}")
-    if ctx.quick:
-        extra += ["data.name=digits", "model.widths=[256,256,256]", "sparse.density=0.1", "train.epochs=8"]
-    runs = Path(ctx.out_dir) if ctx.out_dir else Path(tempfile.mkdtemp(prefix="sparse-quality-"))
+    runs = Path(ctx.out_dir)
     for method in methods:
         for seed in seeds:
             over = [*extra, f"seed={seed}", "train.progress=false", f"output_dir={runs}"]
             over.append("sparse=null" if method == "dense" else f"sparse.method={method}")
             cfg = load_recipe(recipe, over)
-            log.info("sparse-quality: %s seed %s", method, seed)
-            res = run(cfg, runs / f"{method}-s{seed}", write_report=False, command=f"edgetune bench sparse-quality {method} {seed}")
+            run_dir = runs / f"{cfg.name}-e{cfg.train.epochs}-{method}-s{seed}"
+            again = _has_checkpoint(run_dir)
+            log.info("sparse-quality: %s seed %s%s", method, seed, f" (resuming {run_dir})" if again else "")
+            res = run(cfg, run_dir, resume=again, write_report=False,
+                      command=f"edgetune bench sparse-quality {method} {seed}")
             s = res.summary
             mm = s.get("method_metrics", {})
             yield {"recipe": recipe, "method": method, "run_seed": seed, "dataset": s.get("dataset"),
                    "epochs": cfg.train.epochs, "density": mm.get("sparse_density", 1.0),
                    "test_acc": s.get("test_acc"), "active_neurons": mm.get("sparse_active_neurons", 1.0),
                    "wall_time_s": s.get("wall_time_s"), "steps": s.get("steps"), "nonzeros": s.get("nonzeros"),
-                   "parameters": s.get("parameters"), "overrides": " ".join(extra)}
+                   "parameters": s.get("parameters"), "overrides": " ".join(extra),
+                   "torch_threads": cfg.train.num_threads or torch.get_num_threads()}
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a committed checkpoint of an unfinished run (resume it, do not restart)."""
+    return (run_dir / "config.yaml").is_file() and any((run_dir / "checkpoints").glob("*.json"))
+
+
+def _settings(overrides: str) -> str:
+    """The overrides of a row that change the method's setting (epochs and density have their own columns)."""
+    return " ".join(o for o in overrides.split() if not o.startswith(("train.epochs=", "sparse.density=")))
 
 
 def quality_table(csv_path: str | Path, recipe: str | None = None) -> str:
     """Markdown table (mean +- std over seeds) of every row in a sparse-quality CSV."""
     with open(csv_path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if recipe is None or r["recipe"] == recipe]
-    groups: dict[tuple[str, str, str, str], list[dict[str, str]]] = {}
+    groups: dict[tuple[str, str, str, str, str], list[dict[str, str]]] = {}
     for r in rows:
-        groups.setdefault((r["recipe"], r["dataset"], r["epochs"], r["method"]), []).append(r)
+        groups.setdefault((r["recipe"], r["dataset"], r["epochs"], _settings(r.get("overrides", "")), r["method"]),
+                          []).append(r)
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    lines = ["| recipe | data | epochs | method | seeds | test acc (mean ± std) | active neurons | density | wall time (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for (rec, data, ep, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][:3], order.get(kv[0][3], 99))):
+    lines = ["| recipe | data | epochs | settings | method | seeds | test acc (mean ± std) | active neurons | density | "
+             "wall time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (rec, data, ep, extra, method), rs in sorted(groups.items(),
+                                                     key=lambda kv: (kv[0][:4], order.get(kv[0][4], 99))):
         acc = [float(r["test_acc"]) for r in rs]
         act = [float(r["active_neurons"]) for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {rec} | {data} | {ep} | {method} | {len(rs)} | {statistics.mean(acc):.4f} ± {sd:.4f} | "
+        lines.append(f"| {rec} | {data} | {ep} | {extra or 'recipe'} | {method} | {len(rs)} | {statistics.mean(acc):.4f} ± {sd:.4f} | "
                      f"{statistics.mean(act):.3f} | {float(rs[0]['density']):.4f} | "
                      f"{statistics.mean(float(r['wall_time_s']) for r in rs):.0f} |")
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 from edgetune.bench.harness import BenchContext, register_suite
 
 QUICK_SIZES = [(256, 256, 0.05), (512, 512, 0.01)]
@@ -31,7 +33,7 @@ def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         for row in predictor_rows(sizes, ("ch3_l3", "ch2_l3", "ch3_l3n", "ch2_l3n"), repeats=1 if ctx.quick else 3,
                                   device=ctx.device, seed=ctx.seed, quality=not ctx.quick,
                                   num_threads=ctx.option("threads")):
-            yield {"part": "predictors", **row}
+            yield {"part": "predictors", "torch_threads": ctx.option("threads") or torch.get_num_threads(), **row}
         if ctx.option("llm", ctx.device.type == "cuda"):
             for row in predictor_rows(LLM_SIZES, ("ch2_l3n", "ch3_l3n"), repeats=3, device=ctx.device, seed=ctx.seed):
                 yield {"part": "predictors", **row}
@@ -42,4 +44,4 @@ def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         for batch in batches if isinstance(batches, list) else [batches]:
             for row in train_step_rows(density, widths, batch=int(batch), repeats=5 if ctx.quick else 20,
                                        device=ctx.device, threads=ctx.option("threads", 2), seed=ctx.seed):
-                yield {"part": "train", **row}
+                yield {"part": "train", "torch_threads": ctx.option("threads", 2), **row}

@@ -153,7 +153,8 @@ def _bench(args: argparse.Namespace) -> int:
         keys, value = parse_override(text)
         options[".".join(keys)] = value
     out = args.out or Path("bench/results") / f"{args.suite}.csv"
-    rows = run_suite(args.suite, out_csv=out, quick=args.quick, device=args.device, options=options)
+    rows = run_suite(args.suite, out_csv=out, quick=args.quick, device=args.device, options=options,
+                     out_dir=args.work_dir)
     print(f"{len(rows)} rows appended to {out}")
     return 0
 
@@ -165,6 +166,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="reduced sizes (what CI runs)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="CSV to append to (default bench/results/<suite>.csv)")
+    p.add_argument("--work-dir", type=Path, help="keep the suite's files (runs, checkpoints) here instead of a "
+                   "temporary folder; sparse-quality resumes an interrupted run found there")
     p.set_defaults(func=_bench)
 
 
