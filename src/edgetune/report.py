@@ -109,8 +109,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [f"- command: `{c}`" for c in cmds if c.strip()] or ["- command: (unknown)"]
     lines += [ f"- dataset: {summary.get('dataset')} ({summary.get('data_source')})",
               f"- seed: {summary.get('seed')}",
-              f"- hardware: {env.get('hardware', env.get('cpu', '?'))}; torch {env.get('torch', '?')}; "
-              f"git {env.get('git_sha', '?')}"]
+              (f"- hardware: {env.get('hardware', env.get('cpu', '?'))}; torch {env.get('torch', '?')}; "
+               f"git {env.get('git_sha', '?')}")]
     lines += [f"- note: {n}" for n in summary.get("data_notes", [])]
     lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]

@@ -20,7 +20,7 @@ def env() -> dict[str, str]:
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgetune.cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "edgetune.cli.main", *args], capture_output=True, text=True, check=False,
                           env=env(), cwd=cwd, timeout=timeout)
 
 

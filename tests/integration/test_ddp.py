@@ -25,7 +25,7 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path):
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--standalone", "--nproc-per-node", "2", "-m", "edgetune.cli.main", "run", str(recipe),
         "--run-dir", str(run_dir)]
-    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     check = [x for x in recs if x["kind"] == "ddp_check"]

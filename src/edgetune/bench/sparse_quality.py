@@ -88,8 +88,8 @@ def quality_table(csv_path: str | Path, recipe: str | None = None) -> str:
         groups.setdefault((r["recipe"], r["dataset"], r["epochs"], _settings(r.get("overrides", "")), r["method"]),
                           []).append(r)
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    lines = ["| recipe | data | epochs | settings | method | seeds | test acc (mean ± std) | active neurons | density | "
-             "wall time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| recipe | data | epochs | settings | method | seeds | test acc (mean ± std) | active neurons | density | "
+              "wall time (s) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for (rec, data, ep, extra, method), rs in sorted(groups.items(),
                                                      key=lambda kv: (kv[0][:4], order.get(kv[0][4], 99))):
         acc = [float(r["test_acc"]) for r in rs]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from edgetune.core.errors import ConfigError, did_you_mean
 
@@ -32,7 +32,7 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """Maps lowercase names to objects. ``kind`` names the registry in messages ("dataset", "model")."""
 
-    _all: dict[str, Registry[Any]] = {}
+    _all: ClassVar[dict[str, Registry[Any]]] = {}
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

@@ -11,6 +11,7 @@ dense gradients are averaged across ranks before they are used.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -43,7 +44,7 @@ def active_neuron_fraction(masks: list[torch.Tensor], chains: list[list[int]]) -
     """Fraction of hidden neurons (between consecutive layers of a chain) with both inputs and outputs."""
     alive = total = 0
     for chain in chains:
-        for a, b in zip(chain, chain[1:]):
+        for a, b in itertools.pairwise(chain):
             ok = masks[a].any(dim=1) & masks[b].any(dim=0)
             alive += int(ok.sum())
             total += ok.numel()

@@ -6,6 +6,7 @@ selection and surgery helpers); the rules it applies are pure functions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import torch
@@ -140,7 +141,7 @@ def layer_chains(layers: list[tuple[str, SparseLinear]]) -> list[list[int]]:
     for members in by_parent.values():
         members.sort()
         cur = [members[0][1]]
-        for (pa, a), (pb, b) in zip(members, members[1:]):
+        for (pa, a), (pb, b) in itertools.pairwise(members):
             if pb == pa + 1 and layers[a][1].out_features == layers[b][1].in_features:
                 cur.append(b)
             else:
