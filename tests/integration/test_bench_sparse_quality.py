@@ -26,7 +26,7 @@ def test_quick_row_learns_writes_table_and_resumes(tmp_path: Path) -> None:
     assert abs(row["density"] - 0.1) < 1e-3
     assert row["test_acc"] > 0.8, row  # a broken sparse layer or update stays near chance (0.1)
     assert row["torch_threads"] == 1  # the run's own thread count, not the process default
-    run_dir = work / "fmnist-mlp-1pct-e3-set-s0"
+    (run_dir,) = work.glob("fmnist-mlp-1pct-e3-set-s0-*")  # suffix: hash of the settings
     assert (run_dir / "summary.json").is_file()
 
     # the table: one group (its settings = the overrides besides epochs and density), seeds, mean accuracy
@@ -41,3 +41,10 @@ def test_quick_row_learns_writes_table_and_resumes(tmp_path: Path) -> None:
     assert again[0]["steps"] == row["steps"]
     assert len((run_dir / "command.txt").read_text().splitlines()) == 2
     assert len(_rows(out)) == 2
+
+    # other settings never resume this run: they get a folder of their own
+    run_suite("sparse-quality", out_csv=out, quick=True, out_dir=work,
+              options={**OPTS, "set": ["train.num_threads=1", "sparse.zeta=0.1"]})
+    (new,) = set(work.glob("fmnist-mlp-1pct-e3-set-s0-*")) - {run_dir}
+    assert len((new / "command.txt").read_text().splitlines()) == 1  # trained from scratch
+    assert "zeta: 0.1" in (new / "config.yaml").read_text()

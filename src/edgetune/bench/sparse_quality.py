@@ -9,6 +9,7 @@ wall time. Each call may run a slice (``methods=[chts] seeds=[0]``): rows append
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import statistics
 from collections.abc import Iterable
@@ -54,7 +55,7 @@ def _sparse_quality(ctx: BenchContext) -> Iterable[dict[str, Any]]:
             over = [*extra, f"seed={seed}", "train.progress=false", f"output_dir={runs}"]
             over.append("sparse=null" if method == "dense" else f"sparse.method={method}")
             cfg = load_recipe(recipe, over)
-            run_dir = runs / f"{cfg.name}-e{cfg.train.epochs}-{method}-s{seed}"
+            run_dir = runs / _run_name(cfg.name, cfg.train.epochs, method, seed, extra)
             again = _has_checkpoint(run_dir)
             log.info("sparse-quality: %s seed %s%s", method, seed, f" (resuming {run_dir})" if again else "")
             res = run(cfg, run_dir, resume=again, write_report=False,
@@ -67,6 +68,13 @@ def _sparse_quality(ctx: BenchContext) -> Iterable[dict[str, Any]]:
                    "wall_time_s": s.get("wall_time_s"), "steps": s.get("steps"), "nonzeros": s.get("nonzeros"),
                    "parameters": s.get("parameters"), "overrides": " ".join(extra),
                    "torch_threads": cfg.train.num_threads or torch.get_num_threads()}
+
+
+def _run_name(name: str, epochs: int, method: str, seed: int, overrides: list[str]) -> str:
+    """Folder of one row's run; rows with other settings (overrides besides epochs) get other folders."""
+    settings = " ".join(o for o in overrides if not o.startswith("train.epochs="))
+    tag = f"-{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if settings else ""
+    return f"{name}-e{epochs}-{method}-s{seed}{tag}"
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
