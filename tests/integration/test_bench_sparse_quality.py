@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from edgetune.bench import run_suite
 from edgetune.bench.sparse_quality import quality_table
 
@@ -25,6 +27,8 @@ def test_quick_row_learns_writes_table_and_resumes(tmp_path: Path) -> None:
     assert row["method"] == "set" and row["dataset"] == "digits" and row["epochs"] == 3
     assert abs(row["density"] - 0.1) < 1e-3
     assert row["test_acc"] > 0.8, row  # a broken sparse layer or update stays near chance (0.1)
+    # the official code's figure: best per-epoch test accuracy after T_end (= epoch 3 of 3 here: the last)
+    assert row["best_test_acc_late"] == pytest.approx(row["test_acc"])
     assert row["torch_threads"] == 1  # the run's own thread count, not the process default
     (run_dir,) = work.glob("fmnist-mlp-1pct-e3-set-s0-*")  # suffix: hash of the settings
     assert (run_dir / "summary.json").is_file()
