@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def test_quick_row_learns_writes_table_and_resumes(tmp_path: Path) -> None:
     assert row["torch_threads"] == 1  # the run's own thread count, not the process default
     (run_dir,) = work.glob("fmnist-mlp-1pct-e3-set-s0-*")  # suffix: hash of the settings
     assert (run_dir / "summary.json").is_file()
+    assert json.loads((run_dir / "bench-row.json").read_text())["method"] == "set"
+    assert (work / "curves.png").stat().st_size > 10_000  # test accuracy + active neurons per epoch
 
     # the table: one group (its settings = the overrides besides epochs and density), seeds, mean accuracy
     table = out.with_suffix(".md").read_text()

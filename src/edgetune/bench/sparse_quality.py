@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from edgetune.bench.harness import BenchContext, register_suite
+from edgetune.bench.quality_plot import plot_quality_runs
+from edgetune.core.state import atomic_write_json
 
 __all__ = ["ALL_METHODS", "quality_table"]
 
@@ -62,6 +64,8 @@ def _sparse_quality(ctx: BenchContext) -> Iterable[dict[str, Any]]:
             log.info("sparse-quality: %s seed %s%s", method, seed, f" (resuming {run_dir})" if again else "")
             res = run(cfg, run_dir, resume=again, write_report=False,
                       command=f"edgetune bench sparse-quality {method} {seed}")
+            atomic_write_json(run_dir / "bench-row.json", {"method": method, "seed": seed, "settings": _settings(extra)})
+            plot_quality_runs(runs, runs / "curves.png", title=f"{recipe}: {cfg.train.epochs} epochs")
             s = res.summary
             mm = s.get("method_metrics", {})
             yield {"recipe": recipe, "method": method, "run_seed": seed, "dataset": s.get("dataset"),
@@ -101,9 +105,10 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file() and any((run_dir / "checkpoints").glob("*.json"))
 
 
-def _settings(overrides: str) -> str:
+def _settings(overrides: str | list[str]) -> str:
     """The overrides of a row that change the method's setting (epochs and density have their own columns)."""
-    return " ".join(o for o in overrides.split() if not o.startswith(("train.epochs=", "sparse.density=")))
+    items = overrides.split() if isinstance(overrides, str) else overrides
+    return " ".join(o for o in items if not o.startswith(("train.epochs=", "sparse.density=")))
 
 
 def _mean_std(rows: list[dict[str, str]], key: str) -> str:
