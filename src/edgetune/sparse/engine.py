@@ -71,7 +71,10 @@ class SparseEngine(Callback):
         self.layers = sparse_layers(model)
         if not self.layers:
             raise ConfigError("SparseEngine: the model has no SparseLinear layer; call sparsify_(model, cfg) first")
-        self.chains = layer_chains(self.layers) if self.cfg.percolation else []
+        self.chains = layer_chains(self.layers, model)  # active neurons are measured for every method
+        if self.cfg.percolation and not self.chains:
+            log.warning("sparse: percolation is on but no chain of sparse layers was found (%s); nothing will be "
+                        "percolated", ", ".join(n for n, _ in self.layers))
         self.seed = self.cfg.seed if self.cfg.seed is not None else seed
         self.frozen = [False] * len(self.layers)
         self.updates = 0
@@ -175,7 +178,7 @@ class SparseEngine(Callback):
             removed.append(old_masks[i] & ~mask)
             weights.append(w)
             targets.append(target)
-        for chain in self.chains:
+        for chain in self.chains if cfg.percolation else []:
             res = percolate([masks[i] for i in chain])
             for i, m in zip(chain, res.masks):
                 masks[i] = m
@@ -184,9 +187,8 @@ class SparseEngine(Callback):
         overlap_sum = 0.0
         for i, (name, layer) in enumerate(self.layers):
             mask = masks[i]
-            k = max(0, targets[i] - int(mask.sum()))
-            if self.frozen[i] or cfg.regrowth == "none":
-                k = 0
+            # a frozen layer removes nothing itself but regrows what percolation cut, so its density holds
+            k = 0 if cfg.regrowth == "none" else max(0, targets[i] - int(mask.sum()))
             gen = self._generator(step, i + 7919, torch.device("cpu"))
             grad = self._grads.get(i)
             new = regrow(str(cfg.regrowth) if k else "none", mask.cpu(), k, gen, predictor=str(cfg.predictor),
@@ -202,8 +204,10 @@ class SparseEngine(Callback):
             n_removed += int(old_removed.sum())
             n_regrown += int(new.sum())
             idx = final.nonzero().t()  # (2, nnz) row-major
-            vals = weights[i][final] * old_masks[i][final]  # survivors keep their weight; new links start at 0
-            layer.set_topology(idx, vals, optimizer)
+            # survivors keep their weight and optimizer state; regrown links (even ones removed in this very
+            # update) start at 0 with zero state
+            vals = weights[i][final] * mask[final]
+            layer.set_topology(idx, vals, optimizer, fresh=new[final])
         self._grads.clear()
         self.updates += 1
         all_masks = [layer.mask() for _, layer in self.layers]

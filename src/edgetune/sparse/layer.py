@@ -224,16 +224,20 @@ class SparseLinear(nn.Module):
 
     # ---------------------------------------------------------------- topology changes
     def set_topology(self, new_indices: Tensor, new_values: Tensor,
-                     optimizer: torch.optim.Optimizer | None = None) -> Tensor:
+                     optimizer: torch.optim.Optimizer | None = None, fresh: Tensor | None = None) -> Tensor:
         """Replace the active links (same or different count) in place.
 
         ``new_indices`` ``(2, n)`` (any order, no duplicates), ``new_values`` ``(n,)`` in that order.
         ``self.values`` stays the same Parameter object (its data is replaced; its grad is cleared).
-        With ``optimizer``, its state for ``values`` is remapped (:func:`remap_optimizer_state`).
+        With ``optimizer``, its state for ``values`` is remapped (:func:`remap_optimizer_state`): links
+        present before keep their state, others start at 0, and so do the links flagged in ``fresh``
+        (bool ``(n,)``, same order: a link removed and regrown in one update is a new link).
         Returns the previous ``indices`` ``(2, nnz_old)``, what the optimizer-state remap needs.
         """
         idx, order = _sorted_links(new_indices, (self.out_features, self.in_features), self._name())
         vals = self._checked_values(new_values, new_indices.shape[1], order)
+        if fresh is not None:
+            fresh = self._checked_values(fresh, new_indices.shape[1], order)
         vals = vals.detach().to(device=self.values.device, dtype=self.values.dtype)
         old = self.indices
         with torch.no_grad():
@@ -245,7 +249,7 @@ class SparseLinear(nn.Module):
         self.indices = idx.to(old.device)
         self._topo, self._topo_key = None, None
         if optimizer is not None:
-            remap_optimizer_state(optimizer, self.values, old, self.indices)
+            remap_optimizer_state(optimizer, self.values, old, self.indices, fresh=fresh)
         return old
 
     def _topology(self) -> Topology:
@@ -287,12 +291,13 @@ class SparseLinear(nn.Module):
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, old_indices: Tensor,
-                          new_indices: Tensor) -> None:
+                          new_indices: Tensor, fresh: Tensor | None = None) -> None:
     """Carry the per-link optimizer state of ``param`` from ``old_indices`` to ``new_indices``.
 
     Both ``(2, n)`` sorted row-major (a layer's ``indices`` before and after ``set_topology``); the
     state tensors of shape ``(n_old,)`` (Adam ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, SGD
-    ``momentum_buffer``, ...) keep their entries for surviving links and get 0 for new ones. Scalars
+    ``momentum_buffer``, ...) keep their entries for surviving links and get 0 for new ones (and for the
+    links flagged in ``fresh``, bool ``(n_new,)``, even when ``old_indices`` held them). Scalars
     such as Adam's ``step`` are kept. Same-count updates write in place; a changed count replaces the
     state tensors (the optimizer keeps tracking ``param`` itself, which is the same object).
     """
@@ -300,9 +305,12 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
     if not state:
         return
     n_old, n_new = old_indices.shape[1], new_indices.shape[1]
-    if n_old == n_new and torch.equal(old_indices, new_indices.to(old_indices.device)):
+    any_fresh = fresh is not None and bool(fresh.any())
+    if n_old == n_new and not any_fresh and torch.equal(old_indices, new_indices.to(old_indices.device)):
         return
     found, pos = match_links(old_indices, new_indices)
+    if any_fresh:
+        found = found & ~fresh.to(found.device)
     for name, t in list(state.items()):
         if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n_old:
             continue

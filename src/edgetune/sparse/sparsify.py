@@ -120,13 +120,29 @@ def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator
 
 
 _CHAIN_PAIRS = (("fc1", "fc2"), ("v_proj", "out_proj"))
+# modules that act on each feature alone: a neuron's output still feeds only its own input downstream
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Mish,
+                nn.Hardtanh, nn.Dropout, nn.Identity, nn.BatchNorm1d)
 
 
-def layer_chains(layers: list[tuple[str, SparseLinear]]) -> list[list[int]]:
+def _elementwise_between(model: nn.Module | None, parent: str, lo: int, hi: int) -> bool:
+    """True when children ``lo+1 .. hi-1`` of container ``parent`` of ``model`` all act per feature."""
+    if model is None:
+        return hi == lo + 1
+    try:
+        container = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return False
+    return all(isinstance(getattr(container, str(j), None), _ELEMENTWISE) for j in range(lo + 1, hi))
+
+
+def layer_chains(layers: list[tuple[str, SparseLinear]], model: nn.Module | None = None) -> list[list[int]]:
     """Index chains of layers where each one's outputs are the next one's inputs.
 
-    Recognised: consecutive numbered children of one container (``layers.0 -> layers.1 -> ...``) with
-    matching sizes, and the pairs fc1 -> fc2 and v_proj -> out_proj under one parent.
+    Recognised: numbered children of one container with matching sizes, either consecutive
+    (``layers.0 -> layers.1 -> ...``) or, given ``model``, separated only by per-feature modules
+    (``nn.Sequential(Linear, ReLU, Dropout, Linear)``); and the pairs fc1 -> fc2 and v_proj -> out_proj
+    under one parent.
     """
     info = []
     for i, (name, m) in enumerate(layers):
@@ -138,11 +154,12 @@ def layer_chains(layers: list[tuple[str, SparseLinear]]) -> list[list[int]]:
     for i, parent, leaf, _ in info:
         if leaf.isdigit():
             by_parent.setdefault(parent, []).append((int(leaf), i))
-    for members in by_parent.values():
+    for parent, members in by_parent.items():
         members.sort()
         cur = [members[0][1]]
         for (pa, a), (pb, b) in itertools.pairwise(members):
-            if pb == pa + 1 and layers[a][1].out_features == layers[b][1].in_features:
+            if (layers[a][1].out_features == layers[b][1].in_features
+                    and _elementwise_between(model, parent, pa, pb)):
                 cur.append(b)
             else:
                 if len(cur) > 1:

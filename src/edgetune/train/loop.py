@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -243,11 +242,7 @@ class Trainer:
             else:
                 opt.step()
         self._hook("after_optimizer_step")
-        if st.skip_step:  # the schedule counts iterations; torch warns when the first step was skipped
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-                self.scheduler.step()
-        else:
+        if not st.skip_step:  # a skipped step does not advance the LR schedule (CHT code bug, spec §3 item 14)
             self.scheduler.step()
         return loss.detach(), correct, count
 

@@ -77,16 +77,29 @@ def train_steps(model, opt, engine, n, seed=0):
 
 
 @pytest.mark.parametrize("method", ["static", "set", "rigl", "cht", "chts", "chtss"])
-def test_update_invariants_for_every_method(method):
-    model = sparsify_(mlp(), cfg(method=method, update_interval=3, update_unit="steps"))
-    engine = SparseEngine(model, cfg(method=method, update_interval=3, update_unit="steps"))
+def test_update_invariants_for_every_method(method, monkeypatch):
+    # zeta 0.5 on small layers: some links are removed and regrown in the same update (a new link all the same)
+    model = sparsify_(mlp(), cfg(method=method, update_interval=3, update_unit="steps", zeta=0.5))
+    engine = SparseEngine(model, cfg(method=method, update_interval=3, update_unit="steps", zeta=0.5))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_steps(model, opt, engine, 2)  # moments exist before the first update
     before = {n: (l.mask().clone(), l.to_dense_weight().clone(), opt.state[l.values]["exp_avg"].clone(),
                   l.indices.clone()) for n, l in sparse_layers(model)}
+    regrown: dict[int, torch.Tensor] = {}  # layer id -> dense mask of the links the engine regrew
+    set_topology = SparseLinear.set_topology
+
+    def spy(self, idx, vals, optimizer=None, fresh=None):
+        grown = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
+        if fresh is not None:
+            grown[idx[0][fresh], idx[1][fresh]] = True
+        regrown[id(self)] = grown
+        return set_topology(self, idx, vals, optimizer, fresh)
+
+    monkeypatch.setattr(SparseLinear, "set_topology", spy)
     x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
     nn.functional.cross_entropy(model(x), y).backward()  # the update batch (RigL reads its gradient)
     stats = engine.update(3, opt) if method != "static" else None
+    back = 0
     for name, layer in sparse_layers(model):
         mask0, w0, m0, idx0 = before[name]
         mask = layer.mask()
@@ -94,19 +107,23 @@ def test_update_invariants_for_every_method(method):
         assert layer.nnz() == target == int(mask.sum())
         assert layer.indices.unique(dim=1).shape[1] == layer.nnz()  # no duplicate links
         w = layer.to_dense_weight()
-        new = mask & ~mask0
-        kept = mask & mask0
-        assert torch.all(w[new] == 0), "new links must start at zero"
+        grown = regrown.get(id(layer), torch.zeros_like(mask))
+        assert not torch.any(mask & ~mask0 & ~grown), "every link absent before the update was regrown"
+        back += int((grown & mask0).sum())
+        kept = mask & ~grown
+        assert torch.all(w[grown] == 0), "regrown links start at zero, also those removed in this update"
         assert torch.equal(w[kept], w0[kept]), "surviving links keep their weights"
         assert torch.all(w[~mask] == 0)
         ex = torch.zeros_like(w)
         ex[layer.indices[0].long(), layer.indices[1].long()] = opt.state[layer.values]["exp_avg"]
-        assert torch.all(ex[new] == 0), "optimizer moments of new links are zero"
+        assert torch.all(ex[grown] == 0), "optimizer moments of regrown links are zero"
         old = torch.zeros_like(w)
         old[idx0[0].long(), idx0[1].long()] = m0
         assert torch.equal(ex[kept], old[kept]), "moments follow the surviving links"
-    if stats is not None and method not in ("static",):
+    if stats is not None:
         assert stats["sparse_removed"] > 0
+    if method in ("set", "cht", "chts"):
+        assert back > 0, "the case of a link removed and regrown in one update was not exercised"
 
 
 def masks_after(seed: int, method="chts"):
