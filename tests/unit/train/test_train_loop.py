@@ -83,6 +83,33 @@ def test_hooks_run_in_order_and_skip_step_skips():
     assert all(torch.equal(a, b) for a, b in zip(first, model.parameters()))  # the step was skipped
 
 
+class SkipEvery(Callback):
+    """Skips the optimizer step every ``k``-th iteration and records the LR each step used."""
+
+    name = "skip"
+
+    def __init__(self, k: int) -> None:
+        self.k, self.lrs, self.skipped = k, [], 0
+
+    def before_optimizer_step(self, s: TrainState) -> None:
+        s.skip_step = s.step % self.k == self.k - 1
+        self.skipped += s.skip_step
+        if not s.skip_step:
+            self.lrs.append(s.optimizer.param_groups[0]["lr"])
+
+
+def test_a_skipped_step_does_not_advance_the_lr_schedule():
+    # the official CHT code skips optimizer.step on update batches but still steps the scheduler (spec §3, 14)
+    sched = {"name": "linear", "min_lr_ratio": 0.01}
+    rec = SkipEvery(4)
+    tr = Trainer(make_model(), blobs(), cfg(epochs=2, schedule=sched), callbacks=[rec])
+    tr.fit()
+    total = 2 * 8
+    assert rec.skipped == 4
+    expect = [0.1 * lr_factor(i, total, ScheduleConfig(**sched)) for i in range(total - rec.skipped)]
+    assert rec.lrs == pytest.approx(expect)
+
+
 def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path):
     full = Trainer(make_model(), blobs(), cfg(), test=blobs(64, 1), run_dir=tmp_path / "a", seed=3)
     full.fit()
