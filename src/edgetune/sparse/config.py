@@ -36,7 +36,8 @@ class SparseConfig(Config):
         after this fraction of training. zeta: fraction of links removed per update, with a constant
         or cosine schedule.
     removal / regrowth / predictor: the rules; temperature: soft-removal exponent T rising linearly
-        from the first to the second value until the stop.
+        from the first to the second value until the stop (default 1 -> 3, the MLP/Transformer code;
+        the official LLM runs use 1 -> 9).
     percolation: cut hidden neurons left without inputs or outputs along each layer chain; their
         links go to the regrowth budget.
     skip_step_on_update: skip the optimizer step on update iterations (as the CHT and RigL code do).
@@ -64,7 +65,7 @@ class SparseConfig(Config):
     removal: Removal | None = None
     regrowth: Regrowth | None = None
     predictor: Predictor | None = None
-    temperature: tuple[float, float] = (1.0, 3.0)
+    temperature: tuple[float, float] | None = None
     percolation: bool | None = None
     skip_step_on_update: bool | None = None
     early_stop_overlap: float | None = Field(default=None, gt=0, le=1)
@@ -91,8 +92,8 @@ class SparseConfig(Config):
 
     @field_validator("temperature")
     @classmethod
-    def _temperature(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[0] < 0 or v[1] < 0:
+    def _temperature(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and (v[0] < 0 or v[1] < 0):
             raise ValueError("temperatures must be >= 0")
         return v
 
@@ -111,6 +112,8 @@ class SparseConfig(Config):
 
         entry = SPARSE_METHODS.entry(self.method)
         filled = {k: (v(self) if callable(v) else v) for k, v in entry.obj.items() if getattr(self, k) is None}
+        if self.temperature is None and "temperature" not in filled:
+            filled["temperature"] = (1.0, 3.0)  # the MLP/Transformer code's 1 -> 3 (used by soft removal only)
         out = self.model_copy(update=filled)
         missing = [k for k in ("topology", "update_interval", "update_unit", "zeta", "zeta_schedule", "removal",
                                "regrowth", "predictor", "percolation", "skip_step_on_update") if getattr(out, k) is None]

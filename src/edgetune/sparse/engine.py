@@ -95,7 +95,15 @@ class SparseEngine(Callback):
         self.interval = max(1, int(self.cfg.update_interval or 1) * per)
         self.total = max(1, state.total_steps)
         self.t_end = max(1, stop_step(self.total, self.cfg.stop_fraction))
-        if self.cfg.initial_density and self.cfg.initial_density != self.cfg.density and state.world_size > 1:
+        decays = bool(self.cfg.initial_density) and self.cfg.initial_density != self.cfg.density
+        if decays and self.interval > self.t_end:
+            raise ConfigError(
+                f"sparse: density decay from {self.cfg.initial_density} to {self.cfg.density} needs topology updates "
+                f"before the stop at step {self.t_end} ({self.cfg.stop_fraction:g} of {self.total} steps), but updates "
+                f"come every {self.interval} steps, so the model would train at {self.cfg.initial_density} throughout; "
+                "lower sparse.update_interval (or use update_unit=steps) or train longer"
+            )
+        if decays and state.world_size > 1:
             raise ConfigError("sparse: density decay (initial_density) changes parameter sizes, which DDP cannot "
                               "follow; run it in one process or set sparse.initial_density=null")
 
@@ -191,6 +199,12 @@ class SparseEngine(Callback):
             k = 0 if cfg.regrowth == "none" else max(0, targets[i] - int(mask.sum()))
             gen = self._generator(step, i + 7919, torch.device("cpu"))
             grad = self._grads.get(i)
+            if k and cfg.regrowth == "gradient" and grad is None:
+                raise ConfigError(
+                    f"sparse layer {name!r}: gradient regrowth at step {step} found no dense gradient; the update must "
+                    "follow a training batch (forward + backward in train mode, as the Trainer does), not run on "
+                    "its own; or choose regrowth=random or ch_soft"
+                )
             new = regrow(str(cfg.regrowth) if k else "none", mask.cpu(), k, gen, predictor=str(cfg.predictor),
                          grad=None if grad is None else grad.cpu()).to(mask.device)
             final = mask | new

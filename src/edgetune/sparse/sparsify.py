@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from edgetune.core.errors import ConfigError
+from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.core.select import make_filter, select_modules
 from edgetune.core.surgery import replace_module
 from edgetune.sparse.config import SparseConfig
@@ -76,12 +77,15 @@ def initial_mask(out_f: int, in_f: int, density: float, cfg: SparseConfig, gener
 
 
 def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator | None = None,
-              train_inputs: torch.Tensor | None = None) -> nn.Module:
+              train_inputs: torch.Tensor | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Replace the layers ``cfg`` selects by SparseLinear layers; return ``model``.
 
     The initial density is ``cfg.initial_density`` when the method decays density, else ``cfg.density``.
     Weights on the initial links follow ``cfg.weight_init``. ``train_inputs`` ``(N, ...)`` feeds CSTI.
-    Raises ConfigError when no layer matches or a layer is too small for the density.
+    ``masks`` maps layer names to bool ``(out, in)`` masks to start from instead of ``cfg.topology``
+    (each with the link count of the initial density, so the schedule holds).
+    Raises ConfigError when no layer matches, a layer is too small for the initial or final density, or a
+    given mask names another layer or holds another count; ShapeError when a mask's shape is not its layer's.
     """
     cfg = cfg.resolved()
     if generator is None:
@@ -94,13 +98,22 @@ def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator
             "check the patterns against the names printed by print(model)"
         )
     density = cfg.initial_density or cfg.density
+    given = dict(masks or {})
+    unknown = sorted(set(given) - {n for n, _ in targets})
+    if unknown:
+        raise ConfigError(f"sparse: masks given for {unknown}, which are not layers being sparsified; the layers are "
+                          f"{[n for n, _ in targets]}")
     for name, lin in targets:
         out_f, in_f = lin.out_features, lin.in_features
-        try:
-            link_count(out_f, in_f, density)
-        except ConfigError as err:
-            raise ConfigError(f"sparse layer {name!r}: {err}") from None
-        mask = initial_mask(out_f, in_f, density, cfg, generator, train_inputs).to(lin.weight.device)
+        for what, d in (("initial density", density), ("final density", cfg.density)):
+            try:
+                link_count(out_f, in_f, d)
+            except ConfigError as err:
+                raise ConfigError(f"sparse layer {name!r} ({what}): {err}") from None
+        if name in given:
+            mask = _given_mask(name, lin, given[name], density)
+        else:
+            mask = initial_mask(out_f, in_f, density, cfg, generator, train_inputs).to(lin.weight.device)
         with torch.no_grad():
             if cfg.weight_init == "swi":
                 w = sparse_weight_init(mask.cpu(), generator, density=density, dtype=lin.weight.dtype)
@@ -117,6 +130,24 @@ def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator
     log.info("sparse (%s): %d layers, %d of %d links (%.3g%%)", cfg.method, len(targets), n, total,
              100 * n / max(1, total))
     return model
+
+
+def _given_mask(name: str, lin: nn.Linear, mask: torch.Tensor, density: float) -> torch.Tensor:
+    shape = (lin.out_features, lin.in_features)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ShapeError(f"sparse layer {name!r}: mask shape {got} does not match its weight (out, in) = {shape}; "
+                         f"pass a bool mask of shape {shape}")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ShapeError(f"sparse layer {name!r}: the mask must be bool (or 0/1), got dtype {mask.dtype} with other "
+                         "values")
+    mask = mask.to(device=lin.weight.device, dtype=torch.bool)
+    want, got_n = link_count(*shape, density), int(mask.sum())
+    if got_n != want:
+        raise ConfigError(f"sparse layer {name!r}: the mask holds {got_n} links but density {density:g} means {want}; "
+                          f"set sparse.density (or initial_density) to {got_n / (shape[0] * shape[1]):.6g}, or pass a "
+                          f"mask with {want} links")
+    return mask
 
 
 _CHAIN_PAIRS = (("fc1", "fc2"), ("v_proj", "out_proj"))
