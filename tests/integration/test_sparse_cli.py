@@ -32,6 +32,11 @@ def test_run_report_and_export(tmp_path):
     rep = json.loads((tmp_path / "run" / "export" / "export_report.json").read_text())
     assert rep["test_acc_after"] == pytest.approx(rep["test_acc_before"], abs=1e-9)
     assert rep["bytes_after"] <= rep["bytes_before"] * 1.01
+    # every neuron the run counted as active survives compaction, and only those
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    active = summary["method_metrics"]["sparse_active_neurons"]
+    assert rep["compacted"] and rep["widths_before"] == [128, 128]
+    assert sum(rep["widths_after"]) == round(active * 256)
 
 
 def test_bad_sparse_inputs_exit_2(tmp_path):

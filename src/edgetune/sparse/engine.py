@@ -22,6 +22,7 @@ from torch import nn
 from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.hooks import Callback, TrainState
 from edgetune.sparse.config import SparseConfig
+from edgetune.sparse.layer import SparseLinear
 from edgetune.sparse.percolation import percolate
 from edgetune.sparse.regrowth import regrow
 from edgetune.sparse.removal import (
@@ -40,15 +41,35 @@ __all__ = ["SparseEngine", "active_neuron_fraction"]
 log = logging.getLogger(__name__)
 
 
-def active_neuron_fraction(masks: list[torch.Tensor], chains: list[list[int]]) -> float:
-    """Fraction of hidden neurons (between consecutive layers of a chain) with both inputs and outputs."""
+def active_neuron_fraction(masks: list[torch.Tensor], chains: list[list[int]], tails: list[int] = ()) -> float:
+    """Fraction of hidden neurons that carry signal.
+
+    Counted: the neurons between consecutive layers of a chain (active with at least one input and one
+    output link), and the outputs of the ``tails`` layers, hidden neurons that feed a dense layer such as
+    an MLP's classifier head (active with at least one input link).
+    """
     alive = total = 0
     for chain in chains:
         for a, b in itertools.pairwise(chain):
             ok = masks[a].any(dim=1) & masks[b].any(dim=0)
             alive += int(ok.sum())
             total += ok.numel()
+    for t in tails:
+        alive += int(masks[t].any(dim=1).sum())
+        total += masks[t].shape[0]
     return alive / total if total else 1.0
+
+
+def _hidden_tails(model: nn.Module, layers: list[tuple[str, Any]], chains: list[list[int]]) -> list[int]:
+    """Last layers of numbered chains (MLP stacks) whose outputs are hidden: not the model's last Linear."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear))]
+    last = linears[-1] if linears else None
+    tails = []
+    for chain in chains:
+        name = layers[chain[-1]][0]
+        if name.rpartition(".")[2].isdigit() and name != last:
+            tails.append(chain[-1])
+    return tails
 
 
 def _remove(rule: str, w: torch.Tensor, mask: torch.Tensor, k: int, temp: float, g: torch.Generator) -> torch.Tensor:
@@ -72,6 +93,7 @@ class SparseEngine(Callback):
         if not self.layers:
             raise ConfigError("SparseEngine: the model has no SparseLinear layer; call sparsify_(model, cfg) first")
         self.chains = layer_chains(self.layers, model)  # active neurons are measured for every method
+        self.tails = _hidden_tails(model, self.layers, self.chains)
         if self.cfg.percolation and not self.chains:
             log.warning("sparse: percolation is on but no chain of sparse layers was found (%s); nothing will be "
                         "percolated", ", ".join(n for n, _ in self.layers))
@@ -229,7 +251,7 @@ class SparseEngine(Callback):
         size = sum(m.numel() for m in all_masks)
         self.last = {
             "sparse_density": nnz / size,
-            "sparse_active_neurons": active_neuron_fraction(all_masks, self.chains),
+            "sparse_active_neurons": active_neuron_fraction(all_masks, self.chains, self.tails),
             "sparse_removed": float(n_removed),
             "sparse_regrown": float(n_regrown),
             "sparse_overlap": overlap_sum / len(self.layers),
@@ -246,7 +268,7 @@ class SparseEngine(Callback):
         nnz = sum(int(m.sum()) for m in masks)
         out = dict(self.last)
         out["sparse_density"] = nnz / sum(m.numel() for m in masks)
-        out["sparse_active_neurons"] = active_neuron_fraction(masks, self.chains)
+        out["sparse_active_neurons"] = active_neuron_fraction(masks, self.chains, self.tails)
         out["sparse_updates"] = float(self.updates)
         return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,21 +43,25 @@ def test_percolation_without_any_chain_warns(caplog):
     assert "no chain of sparse layers" in caplog.text
 
 
-def _starve_first_neuron(model: nn.Module) -> None:
-    """Cut every input link of hidden neuron 0 of the first sparse layer (it becomes dead)."""
-    layer = sparse_layers(model)[0][1]
+def _starve_neuron_0(model: nn.Module, which: int) -> None:
+    """Cut every input link of output neuron 0 of sparse layer ``which`` (that neuron becomes dead)."""
+    layer = sparse_layers(model)[which][1]
     keep = layer.indices[0] != 0
     layer.set_topology(layer.indices[:, keep], layer.values.detach()[keep])
 
 
-def test_active_neurons_are_measured_for_methods_without_percolation():
+@pytest.mark.parametrize("which", [0, 1])
+def test_active_neurons_are_measured_for_methods_without_percolation(which):
+    # 2 sparse layers + dense head: 16 neurons between them and 16 feeding the head, all alive at density 0.5
     torch.manual_seed(0)
     model = sparsify_(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)),
                       SparseConfig(method="set", density=0.5))
-    _starve_first_neuron(model)
+    assert SparseEngine(model, SparseConfig(method="set", density=0.5)).metrics()["sparse_active_neurons"] == 1.0
+    _starve_neuron_0(model, which)
     engine = SparseEngine(model, SparseConfig(method="set", density=0.5))
     assert engine.cfg.percolation is False
-    assert engine.metrics()["sparse_active_neurons"] < 1.0  # 1 of 32 hidden neurons has no input
+    # a dead neuron between the layers or in the last hidden layer (before the dense head) counts alike
+    assert engine.metrics()["sparse_active_neurons"] == 31 / 32
 
 
 def test_frozen_layer_keeps_its_density_when_neighbours_percolate():
