@@ -125,7 +125,9 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
 
         summary.update({
             "dataset": bundle.name, "train_examples": len(bundle.train), "data_source": bundle.source, "data_notes": bundle.notes,
-            "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0, "environment": environment(),
+            # a resumed run adds the time its earlier processes spent training (from the checkpoint)
+            "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0 + summary.get("earlier_time_s", 0.0),
+            "environment": environment(),
             "method_metrics": {k: v for cb in callbacks for k, v in cb.metrics().items()},
         })
         checks = {k: summary.get(k.removeprefix("min_")) for k in cfg.expect}

@@ -138,6 +138,8 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, rank=self.dist.rank, world_size=self.ws,
         )
         self.batch_in_epoch = 0
+        self.earlier_time_s = 0.0  # time spent in fit() by earlier processes of this run (from the checkpoint)
+        self._fit_t0: float | None = None
         self.history: list[dict[str, Any]] = []
         main = self.dist.is_main and self.run_dir is not None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if main else None
@@ -178,9 +180,15 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(),
-            "loop": {"step": self.state.step, "epoch": self.state.epoch, "batch": self.batch_in_epoch},
+            "loop": {"step": self.state.step, "epoch": self.state.epoch, "batch": self.batch_in_epoch,
+                     "elapsed_s": self.elapsed_s()},
             "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
         }
+
+    def elapsed_s(self) -> float:
+        """Seconds spent in :meth:`fit` over the whole run, earlier (resumed) processes included."""
+        now = 0.0 if self._fit_t0 is None else time.perf_counter() - self._fit_t0
+        return self.earlier_time_s + now
 
     def save_checkpoint(self) -> None:
         if self.ckpt is not None and self.dist.is_main:
@@ -214,6 +222,7 @@ class Trainer:
         set_rng_state(s["rng"])
         loop = s["loop"]
         self.state.step, self.state.epoch, self.batch_in_epoch = loop["step"], loop["epoch"], loop["batch"]
+        self.earlier_time_s = float(loop.get("elapsed_s", 0.0))
         if self.metrics is not None:
             self.metrics.truncate_after(self.state.step)
         log.info("resumed from %s at step %d (epoch %d)", ck.path, self.state.step, self.state.epoch)
@@ -284,7 +293,7 @@ class Trainer:
         self._hook("on_session_start")
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True, leave=False)
-        t0 = time.perf_counter()
+        t0 = self._fit_t0 = time.perf_counter()
         run_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         run_correct = torch.zeros((), dtype=torch.long, device=self.device)
         run_count = torch.zeros((), dtype=torch.long, device=self.device)
@@ -320,7 +329,8 @@ class Trainer:
             st.last_eval = self.evaluate_all()
         self._hook("on_session_end")
         self._hook("on_fit_end")
-        summary: dict[str, Any] = {"steps": st.step, "epochs": st.epoch, **st.last_eval}
+        summary: dict[str, Any] = {"steps": st.step, "epochs": st.epoch, "earlier_time_s": self.earlier_time_s,
+                                   **st.last_eval}
         if self.ws > 1:
             in_sync, sums, differ = ranks_in_sync(self.model)
             self._log({"kind": "ddp_check", "step": st.step, "world_size": self.ws, "in_sync": in_sync,

@@ -134,7 +134,10 @@ def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path):
                     callbacks=[Callback()])
     assert again.resume()
     assert again.state.step == 10
-    again.fit()
+    assert again.earlier_time_s > 0  # the time the crashed process trained, carried by the checkpoint
+    out = again.fit()
+    assert out["earlier_time_s"] == again.earlier_time_s
+    assert again.elapsed_s() > again.earlier_time_s
     for k, v in again.model.state_dict().items():
         assert torch.equal(v, ref[k]), k
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
