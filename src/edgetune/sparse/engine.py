@@ -6,7 +6,10 @@ remove ``floor(zeta_t * nnz)`` links by the removal rule, cut dead neurons along
 (percolation), then regrow back to the scheduled density by the regrowth rule, new links at zero.
 The optimizer state follows the links (surviving links keep their moments, new ones start at zero).
 Every random decision uses a generator seeded by (seed, step, layer), so all DDP ranks agree; RigL's
-dense gradients are averaged across ranks before they are used.
+dense gradients are averaged across ranks before they are used. Removal, scoring and sampling run on the
+CPU whatever the layer's device (the decisions are then the same on every device; the predictors
+themselves also run on CUDA when called directly); a GPU run pays one dense (out, in) transfer per layer
+per update.
 """
 
 from __future__ import annotations
