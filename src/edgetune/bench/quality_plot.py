@@ -11,12 +11,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_quality_runs"]
+__all__ = ["plot_quality_runs", "read_curves"]
 
 log = logging.getLogger(__name__)
 
 
-def _curves(metrics: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def read_curves(metrics: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """``(epoch, test accuracy)`` and ``(epoch, active-neuron fraction)`` pairs of a run's ``metrics.jsonl``."""
     acc: list[tuple[int, float]] = []
     active: list[tuple[int, float]] = []
     for line in metrics.read_text().splitlines():
@@ -51,7 +52,7 @@ def plot_quality_runs(work_dir: str | Path, path: str | Path, title: str = "") -
 
     runs = []
     for metrics in sorted(Path(work_dir).glob("*/metrics.jsonl")):
-        acc, active = _curves(metrics)
+        acc, active = read_curves(metrics)
         if acc:
             runs.append((_label(metrics.parent), acc, active))
     if not runs:

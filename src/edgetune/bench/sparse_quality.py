@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import math
 import statistics
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from edgetune.bench.harness import BenchContext, register_suite
-from edgetune.bench.quality_plot import plot_quality_runs
+from edgetune.bench.quality_plot import plot_quality_runs, read_curves
 from edgetune.core.state import atomic_write_json
 
 __all__ = ["ALL_METHODS", "quality_table"]
@@ -83,19 +82,21 @@ def _best_late(run_dir: Path, cfg: Any) -> float | None:
     The figure the official CHT code reports ("best epoch after T_end"). It is selected on the test set,
     so it is optimistic; ``test_acc`` (last epoch) is the honest one. None when the run evaluated no test split.
     """
-    stop = getattr(cfg.sparse, "stop_fraction", None) if getattr(cfg, "sparse", None) is not None else None
-    first = math.ceil((stop or 0.75) * cfg.train.epochs)
+    from edgetune.sparse.config import SparseConfig
+
+    sparse = getattr(cfg, "sparse", None)
+    stop = sparse.stop_fraction if sparse is not None else SparseConfig.model_fields["stop_fraction"].default
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    accs = [r["acc"] for r in map(json.loads, path.read_text().splitlines())
-            if r.get("kind") == "eval" and r.get("split") == "test" and r.get("epoch", 0) >= first and "acc" in r]
+    first = math.ceil(stop * cfg.train.epochs)
+    accs = [a for epoch, a in read_curves(path)[0] if epoch >= first]
     return max(accs) if accs else None
 
 
 def _run_name(name: str, epochs: int, method: str, seed: int, overrides: list[str]) -> str:
     """Folder of one row's run; rows with other settings (overrides besides epochs) get other folders."""
-    settings = " ".join(o for o in overrides if not o.startswith("train.epochs="))
+    settings = _settings(overrides, keep_density=True)
     tag = f"-{hashlib.sha1(settings.encode()).hexdigest()[:8]}" if settings else ""
     return f"{name}-e{epochs}-{method}-s{seed}{tag}"
 
@@ -105,10 +106,11 @@ def _has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "config.yaml").is_file() and any((run_dir / "checkpoints").glob("*.json"))
 
 
-def _settings(overrides: str | list[str]) -> str:
+def _settings(overrides: str | list[str], keep_density: bool = False) -> str:
     """The overrides of a row that change the method's setting (epochs and density have their own columns)."""
     items = overrides.split() if isinstance(overrides, str) else overrides
-    return " ".join(o for o in items if not o.startswith(("train.epochs=", "sparse.density=")))
+    drop = ("train.epochs=",) if keep_density else ("train.epochs=", "sparse.density=")
+    return " ".join(o for o in items if not o.startswith(drop))
 
 
 def _mean_std(rows: list[dict[str, str]], key: str) -> str:

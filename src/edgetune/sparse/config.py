@@ -112,7 +112,7 @@ class SparseConfig(Config):
 
         entry = SPARSE_METHODS.entry(self.method)
         filled = {k: (v(self) if callable(v) else v) for k, v in entry.obj.items() if getattr(self, k) is None}
-        if self.temperature is None and "temperature" not in filled:
+        if self.temperature is None and "temperature" not in filled:  # a method may set its own
             filled["temperature"] = (1.0, 3.0)  # the MLP/Transformer code's 1 -> 3 (used by soft removal only)
         out = self.model_copy(update=filled)
         missing = [k for k in ("topology", "update_interval", "update_unit", "zeta", "zeta_schedule", "removal",

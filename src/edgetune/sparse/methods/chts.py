@@ -12,6 +12,6 @@ register_sparse_method(
     "chts",
     {"topology": "er", "update_interval": 1, "update_unit": "epochs", "zeta": 0.3, "zeta_schedule": "cosine",
      "removal": "soft_magnitude", "regrowth": "ch_soft", "predictor": "ch3_l3", "percolation": True,
-     "skip_step_on_update": True, "temperature": (1.0, 3.0)},
+     "skip_step_on_update": True},
     summary="soft magnitude removal, soft CH regrowth, percolation (Zhang et al. 2025)",
 )

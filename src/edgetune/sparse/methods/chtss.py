@@ -17,7 +17,7 @@ register_sparse_method(
     "chtss",
     {"topology": "er", "update_interval": 1, "update_unit": "epochs", "zeta": 0.3, "zeta_schedule": "cosine",
      "removal": "soft_magnitude", "regrowth": "ch_soft", "predictor": "ch2_l3n", "percolation": True,
-     "skip_step_on_update": True, "temperature": (1.0, 3.0),
+     "skip_step_on_update": True,
      "initial_density": lambda cfg: min(max(cfg.density, 0.5), 5 * cfg.density) if cfg.density < 0.5 else cfg.density},
     summary="CHTs + sigmoid density decay from an initial to the final density (Zhang et al. 2025)",
 )
