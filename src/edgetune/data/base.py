@@ -1,8 +1,12 @@
 """Dataset registry and the in-memory bundle every loader returns.
 
-A loader is ``fn(cfg: DataConfig) -> DataBundle``. Every split is a ``TensorDataset`` whose last tensor is
-the target: ``(x, y)`` for classification and causal LM, ``(src, tgt_in, tgt_out)`` for seq2seq. The
-training loop batches these tensors directly (no DataLoader workers needed for in-memory data).
+A loader is ``fn(cfg: DataConfig) -> DataBundle``. A split is a ``TensorDataset`` whose last tensor is
+the target (``(x, y)`` for classification and causal LM, ``(src, tgt_in, tgt_out)`` for seq2seq), a
+:class:`~edgetune.data.batches.DictDataset` (tokenized text: ``input_ids``, ``attention_mask``, ``labels``),
+or a :class:`~edgetune.data.text_classification.TextDataset` of raw strings that
+:func:`~edgetune.data.tokenize.tokenize_bundle` turns into a DictDataset for a given tokenizer. The
+training loop batches the tensors directly (no DataLoader workers needed for in-memory data) and applies
+``bundle.transform`` to every batch on the device (uint8 images to float, trimming padding).
 Loader-specific options live under ``data.options`` and are validated by the loader's own config class
 (registered with the loader, see :func:`register_dataset`).
 """
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import Field
 from torch.utils.data import TensorDataset
@@ -19,10 +23,15 @@ from torch.utils.data import TensorDataset
 from edgetune.core.config import Config, validate
 from edgetune.core.errors import DataError
 from edgetune.core.registry import Registry
+from edgetune.data.batches import BatchTransform, DictDataset
+
+if TYPE_CHECKING:
+    from edgetune.data.text_classification import TextDataset
 
 __all__ = ["DATASETS", "DataBundle", "DataConfig", "load_dataset", "loader_options", "register_dataset"]
 
 Task = Literal["classification", "lm", "seq2seq"]
+DataSplit = Union[TensorDataset, DictDataset, "TextDataset"]
 
 
 class DataConfig(Config):
@@ -51,25 +60,33 @@ class DataConfig(Config):
 class DataBundle:
     """Splits of a dataset held in memory, plus what a model builder needs to know about them.
 
-    input_shape: shape of one input example, e.g. ``(1, 28, 28)`` or ``(T,)`` for token sequences.
+    input_shape: shape of one input example, e.g. ``(1, 28, 28)``, ``(T,)`` for token sequences, ``()``
+        for raw text (a :class:`TextDataset` split, not yet tokenized).
     num_classes: number of classes (classification) or vocabulary size (lm / seq2seq).
     source: where the data came from (path or generator description), for reports.
+    transform: per-batch preprocessing the training loop applies on the device to every train / val /
+        test batch, e.g. :class:`~edgetune.data.transforms.ToFloat` for uint8 images ``(B, C, H, W)``.
+    token_vocab_size: for tokenized text classification, the tokenizer's vocabulary size (what an
+        embedding layer needs); None otherwise.
     """
 
     name: str
     task: Task
-    train: TensorDataset
-    test: TensorDataset
+    train: DataSplit
+    test: DataSplit
     num_classes: int
     input_shape: tuple[int, ...]
-    val: TensorDataset | None = None
+    val: DataSplit | None = None
     class_names: list[str] = field(default_factory=list)
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    transform: BatchTransform | None = None
+    token_vocab_size: int | None = None
 
     @property
     def vocab_size(self) -> int | None:
-        return self.num_classes if self.task in ("lm", "seq2seq") else None
+        """Vocabulary of the inputs: num_classes for lm / seq2seq, the tokenizer's for tokenized text."""
+        return self.num_classes if self.task in ("lm", "seq2seq") else self.token_vocab_size
 
 
 Loader = Callable[[DataConfig], DataBundle]

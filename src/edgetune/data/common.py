@@ -9,22 +9,26 @@
    or more examples), a seeded random subset of the windows for lm / seq2seq.
 
 Each step has its own random stream derived from ``cfg.seed``, so the test subset does not change when
-``limit_train`` does.
+``limit_train`` does. A split is given as tensors (last = target) or as a split object with ``targets``
+and ``subset(idx)`` (:class:`~edgetune.data.text_classification.TextDataset`,
+:class:`~edgetune.data.batches.DictDataset`); the steps act the same on both.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from edgetune.data.base import DataBundle, DataConfig, Task
+from edgetune.data.base import DataBundle, DataConfig, DataSplit, Task
+from edgetune.data.batches import BatchTransform
 
-__all__ = ["images_to_tensor", "make_bundle", "random_subset", "stratified_holdout"]
+__all__ = ["images_to_tensor", "images_to_uint8", "make_bundle", "random_subset", "stratified_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +69,39 @@ def images_to_tensor(images: np.ndarray, scale: float = 255.0) -> Tensor:
     return x.div_(scale) if scale != 1.0 else x
 
 
-def _take(tensors: tuple[Tensor, ...], idx: np.ndarray) -> tuple[Tensor, ...]:
+def images_to_uint8(images: np.ndarray) -> Tensor:
+    """uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` -> uint8 tensor ``(N, C, H, W)`` (shares memory)."""
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"images_to_uint8 expects uint8 images, got {arr.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+# A split while it is being built: a tuple of tensors (last = target) or an object with subset/targets.
+_Raw = Any
+
+
+def _len(split: _Raw) -> int:
+    return len(split[0]) if isinstance(split, tuple) else len(split)
+
+
+def _labels(split: _Raw) -> Tensor:
+    return split[-1] if isinstance(split, tuple) else split.targets
+
+
+def _take(split: _Raw, idx: np.ndarray) -> _Raw:
     idx = np.asarray(idx, dtype=np.int64)
-    if len(idx) == len(tensors[0]) and np.array_equal(idx, np.arange(len(idx))):
-        return tensors  # everything, in order: no copy
+    if len(idx) == _len(split) and np.array_equal(idx, np.arange(len(idx))):
+        return split  # everything, in order: no copy
     index = torch.from_numpy(idx)
-    return tuple(t.index_select(0, index) for t in tensors)
+    if isinstance(split, tuple):
+        return tuple(t.index_select(0, index) for t in split)
+    return split.subset(index)
+
+
+def _wrap(split: _Raw) -> DataSplit:
+    return TensorDataset(*split) if isinstance(split, tuple) else split
 
 
 def make_bundle(
@@ -78,46 +109,53 @@ def make_bundle(
     *,
     name: str,
     task: Task,
-    train: Sequence[Tensor],
-    test: Sequence[Tensor],
+    train: Sequence[Tensor] | DataSplit,
+    test: Sequence[Tensor] | DataSplit,
     num_classes: int,
     class_names: Sequence[str] = (),
     source: str = "",
     notes: Sequence[str] = (),
     input_shape: tuple[int, ...] | None = None,
+    transform: BatchTransform | None = None,
 ) -> DataBundle:
     """Apply ``cfg.limit_*`` and ``cfg.val_fraction`` to raw splits and wrap them in a DataBundle.
 
     train / test: tensors with a common first dim N whose last one is the target, e.g. ``x (N, C, H, W)``
-    float32 and ``y (N,)`` int64 for classification, ``(src, tgt_in, tgt_out)`` each ``(N, T)`` for seq2seq.
-    input_shape: shape of one input; default ``train[0].shape[1:]``.
+    uint8 and ``y (N,)`` int64 for classification, ``(src, tgt_in, tgt_out)`` each ``(N, T)`` for seq2seq;
+    or split objects with ``targets (N,)`` and ``subset(idx)`` (TextDataset, DictDataset).
+    input_shape: shape of one input; default ``train[0].shape[1:]`` for tensors, ``()`` for raw text.
+    transform: the per-batch transform the loop applies (e.g. ``ToFloat()`` for uint8 images).
     """
-    train, test = tuple(train), tuple(test)
+    train = tuple(train) if isinstance(train, (list, tuple)) else train
+    test = tuple(test) if isinstance(test, (list, tuple)) else test
     seeds = {k: np.random.default_rng([cfg.seed, k]) for k in (_LIMIT_TRAIN, _LIMIT_TEST, _VAL)}
-    train = _take(train, random_subset(len(train[0]), cfg.limit_train, seeds[_LIMIT_TRAIN]))
-    test = _take(test, random_subset(len(test[0]), cfg.limit_test, seeds[_LIMIT_TEST]))
+    train = _take(train, random_subset(_len(train), cfg.limit_train, seeds[_LIMIT_TRAIN]))
+    test = _take(test, random_subset(_len(test), cfg.limit_test, seeds[_LIMIT_TEST]))
     val = None
     if cfg.val_fraction > 0:
-        n = len(train[0])
+        n = _len(train)
         if task == "classification":
-            kept, held = stratified_holdout(train[-1].numpy(), cfg.val_fraction, seeds[_VAL])
+            kept, held = stratified_holdout(_labels(train).numpy(), cfg.val_fraction, seeds[_VAL])
         else:
             perm = seeds[_VAL].permutation(n)
             k = round(cfg.val_fraction * n)
             kept, held = np.sort(perm[k:]), np.sort(perm[:k])
-        val = TensorDataset(*_take(train, held))
+        val = _wrap(_take(train, held))
         train = _take(train, kept)
+    if input_shape is None:
+        input_shape = tuple(train[0].shape[1:]) if isinstance(train, tuple) else ()
     bundle = DataBundle(
         name=name,
         task=task,
-        train=TensorDataset(*train),
-        test=TensorDataset(*test),
+        train=_wrap(train),
+        test=_wrap(test),
         val=val,
         num_classes=num_classes,
-        input_shape=tuple(input_shape) if input_shape is not None else tuple(train[0].shape[1:]),
+        input_shape=tuple(input_shape),
         class_names=list(class_names),
         source=source,
         notes=list(notes),
+        transform=transform,
     )
     log.info(
         "dataset %s: %d train, %d val, %d test examples, %d classes, from %s",

@@ -1,8 +1,9 @@
 """Image classification datasets read from their standard files: Fashion-MNIST, MNIST, EMNIST (IDX),
 CIFAR-10/100 (python pickle batches), and scikit-learn's bundled 8x8 digits (offline).
 
-Every loader returns float32 images ``(N, C, H, W)`` in [0, 1] and int64 labels ``(N,)``; the folders
-are found by :func:`edgetune.data.locate.find_dataset` (``data.path``, ``$EDGETUNE_DATA``, /usr/share/datasets).
+Every loader keeps uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` in memory and sets the bundle's
+``transform`` to :class:`~edgetune.data.transforms.ToFloat`, which turns each batch into float32 in [0, 1]
+on the device (digits: 0..16 divided by 16). The folders are found by :func:`edgetune.data.locate.find_dataset` (``data.path``, ``$EDGETUNE_DATA``, /usr/share/datasets).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pydantic import Field
 from edgetune.core.config import Config
 from edgetune.core.errors import DataError
 from edgetune.data.base import DataBundle, DataConfig, loader_options, register_dataset
-from edgetune.data.common import images_to_tensor, make_bundle, stratified_holdout
+from edgetune.data.common import images_to_uint8, make_bundle, stratified_holdout
 from edgetune.data.idx import read_idx_pair
 from edgetune.data.locate import find_dataset
+from edgetune.data.transforms import ToFloat
 
 __all__ = ["FASHION_MNIST_CLASSES", "Cifar100Options", "DigitsOptions", "EmnistOptions", "read_cifar_pickle"]
 
@@ -80,7 +82,7 @@ def _load_idx_dataset(
         x, y = read_idx_pair(files[f"{split}_images"], files[f"{split}_labels"])
         if transpose:
             x = x.transpose(0, 2, 1)
-        splits.append((images_to_tensor(x), torch.from_numpy(y.astype(np.int64))))
+        splits.append((images_to_uint8(x), torch.from_numpy(y.astype(np.int64))))
     return splits[0], splits[1], files["train_images"].parent
 
 
@@ -106,6 +108,7 @@ def load_fashion_mnist(cfg: DataConfig) -> DataBundle:
         num_classes=10,
         class_names=FASHION_MNIST_CLASSES,
         source=str(src),
+        transform=ToFloat(),
     )
 
 
@@ -127,6 +130,7 @@ def load_mnist(cfg: DataConfig) -> DataBundle:
         num_classes=10,
         class_names=_DIGITS,
         source=str(src),
+        transform=ToFloat(),
     )
 
 
@@ -171,6 +175,7 @@ def load_emnist(cfg: DataConfig) -> DataBundle:
         num_classes=len(names),
         class_names=names,
         source=f"{src} (split {opts.split})",
+        transform=ToFloat(),
     )
 
 
@@ -231,7 +236,7 @@ def _cifar_split(paths: list[Path], label_key: bytes) -> tuple[torch.Tensor, tor
             )
         xs.append(data.reshape(-1, 3, 32, 32))  # rows are 1024 red, 1024 green, 1024 blue values
         ys.append(labels)
-    return images_to_tensor(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+    return images_to_uint8(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def _names(meta: dict[bytes, Any], key: bytes) -> list[str]:
@@ -269,6 +274,7 @@ def load_cifar10(cfg: DataConfig) -> DataBundle:
         num_classes=10,
         class_names=names,
         source=str(found["meta"].parent),
+        transform=ToFloat(),
     )
 
 
@@ -302,6 +308,7 @@ def load_cifar100(cfg: DataConfig) -> DataBundle:
         num_classes=100 if opts.label_mode == "fine" else 20,
         class_names=names,
         source=f"{found['meta'].parent} ({opts.label_mode} labels)",
+        transform=ToFloat(),
     )
 
 
@@ -318,7 +325,8 @@ class DigitsOptions(Config):
     "digits", config=DigitsOptions, summary="scikit-learn's bundled 8x8 digits, 10 classes (offline)"
 )
 def load_digits(cfg: DataConfig) -> DataBundle:
-    """The 1797 8x8 handwritten digits bundled with scikit-learn: ``(1, 8, 8)`` in [0, 1], 10 classes.
+    """The 1797 8x8 handwritten digits bundled with scikit-learn: uint8 ``(1, 8, 8)`` in 0..16, 10 classes;
+    the transform divides by 16 (float32 in [0, 1]).
 
     Train/test is a stratified split drawn with ``data.seed`` (``test_fraction`` of each class to test).
     """
@@ -331,10 +339,10 @@ def load_digits(cfg: DataConfig) -> DataBundle:
             "(or `pip install edgetune[data]`)."
         ) from None
     raw = sk_load_digits()
-    images = np.asarray(raw.images, dtype=np.float32)  # (1797, 8, 8), values 0..16
+    images = np.asarray(raw.images).astype(np.uint8)  # (1797, 8, 8), integer values 0..16
     labels = np.asarray(raw.target, dtype=np.int64)
     train_idx, test_idx = stratified_holdout(labels, opts.test_fraction, np.random.default_rng([cfg.seed, 0]))
-    x = images_to_tensor(images, scale=16.0)
+    x = images_to_uint8(images)
     y = torch.from_numpy(labels)
     idx_tr, idx_te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     return make_bundle(
@@ -346,4 +354,5 @@ def load_digits(cfg: DataConfig) -> DataBundle:
         num_classes=10,
         class_names=_DIGITS,
         source="sklearn.datasets.load_digits",
+        transform=ToFloat(divisor=16.0),
     )

@@ -37,11 +37,13 @@ def test_cifar10_layout_and_values(tmp_path: Path) -> None:
     _dump(folder / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     b = load_dataset(DataConfig(name="cifar10", path=str(tmp_path)))  # found in the usual subfolder
     x, y = b.train.tensors
-    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.float32 and b.input_shape == (3, 32, 32)
+    assert x.shape == (20, 3, 32, 32) and x.dtype == torch.uint8 and b.input_shape == (3, 32, 32)
     assert y.tolist() == [v for bt in batches for v in bt[b"labels"]] and b.class_names[3] == "c3"
     first = batches[0][b"data"][0]
-    assert float(x[0, 1, 0, 0]) * 255 == pytest.approx(first[1024])  # green plane starts at 1024
-    assert float(x[0, 0, 1, 0]) * 255 == pytest.approx(first[32])  # row-major 32x32 per plane
+    assert int(x[0, 1, 0, 0]) == first[1024]  # green plane starts at 1024
+    assert int(x[0, 0, 1, 0]) == first[32]  # row-major 32x32 per plane
+    xf = b.transform([x[:2], y[:2]])[0]  # the per-batch transform gives float32 in [0, 1]
+    assert xf.dtype == torch.float32 and float(xf[0, 1, 0, 0]) == pytest.approx(first[1024] / 255)
     assert len(b.test) == 3
 
 

@@ -89,15 +89,18 @@ def test_digits_split(frac: float) -> None:
     b = load_dataset(DataConfig(name="digits", seed=1, options={"test_fraction": frac}))
     (xtr, ytr), (xte, yte) = b.train.tensors, b.test.tensors
     assert len(b.train) + len(b.test) == 1797 and b.input_shape == (1, 8, 8) and b.num_classes == 10
-    assert float(xtr.min()) == 0.0 and float(xtr.max()) == 1.0
+    assert xtr.dtype == torch.uint8 and int(xtr.min()) == 0 and int(xtr.max()) == 16
+    xf = b.transform([xtr, ytr])[0]  # float32 in [0, 1], bit-identical to the old float32(v) / 16.0
+    assert xf.dtype == torch.float32 and float(xf.max()) == 1.0
+    assert torch.equal(xf, xtr.to(torch.float32) / 16.0)
     counts = torch.bincount(ytr, minlength=10) + torch.bincount(yte, minlength=10)
     assert torch.all((torch.bincount(yte, minlength=10) - frac * counts).abs() <= 0.5)
     # train + test is exactly the whole of digits (as a multiset of rows): disjoint and complete
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    rows = torch.cat([torch.cat([xtr, xte]).flatten(1) * 16, torch.cat([ytr, yte])[:, None].float()], 1)
-    ours = sorted(map(tuple, rows.round().long().tolist()))
+    rows = torch.cat([torch.cat([xtr, xte]).flatten(1).long(), torch.cat([ytr, yte])[:, None]], 1)
+    ours = sorted(map(tuple, rows.tolist()))
     full = sorted(map(tuple, np.concatenate([raw.data, raw.target[:, None]], 1).astype(int).tolist()))
     assert ours == full
 

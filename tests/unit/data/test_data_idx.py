@@ -97,8 +97,10 @@ def test_mnist_loader_from_data_path(tmp_path: Path) -> None:
     _write_split(tmp_path, "t10k", te_x, te_y, gz=False)  # mixed plain / gz in one folder is fine
     b = load_dataset(DataConfig(name="mnist", path=str(tmp_path)))
     x, y = b.train.tensors
-    assert x.shape == (20, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
-    torch.testing.assert_close(x[:, 0] * 255, torch.from_numpy(tr_x).float())
+    assert x.shape == (20, 1, 28, 28) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(x[:, 0], torch.from_numpy(tr_x))
+    xf = b.transform([x, y])[0]
+    assert xf.dtype == torch.float32 and torch.equal(xf[:, 0], torch.from_numpy(tr_x).float() / 255.0)
     assert y.tolist() == tr_y.tolist() and len(b.test) == 8 and b.input_shape == (1, 28, 28)
 
 
@@ -110,6 +112,6 @@ def test_emnist_transposes_and_shifts_letters(tmp_path: Path, split: str, offset
     _write_split(tmp_path, f"emnist-{split}-train", x, y, gz=True)
     _write_split(tmp_path, f"emnist-{split}-test", x[:2], y[:2], gz=True)
     b = load_dataset(DataConfig(name="emnist", path=str(tmp_path), options={"split": split}))
-    got = b.train.tensors[0][:, 0] * 255
-    torch.testing.assert_close(got, torch.from_numpy(x.transpose(0, 2, 1).copy()).float())
+    got = b.train.tensors[0][:, 0]
+    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(x.transpose(0, 2, 1).copy()))
     assert b.train.tensors[1].tolist() == list(range(6)) and b.num_classes == len(b.class_names) == classes

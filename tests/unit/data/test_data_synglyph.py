@@ -59,10 +59,22 @@ def test_shapes_labels_and_range() -> None:
         )
     )
     x, y = b.train.tensors
-    assert x.shape == (21, 1, 20, 20) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (21, 1, 20, 20) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert y.tolist() == [c for c in range(7) for _ in range(3)]
     assert len(b.test) == 14 and b.num_classes == 7 and b.input_shape == (1, 20, 20)
-    assert float(x.min()) == 0.0 and float(x.max()) == 1.0  # noise pushes some pixels past both ends
+    assert int(x.min()) == 0 and int(x.max()) == 255  # noise pushes some pixels past both ends
+    xf = b.transform([x, y])[0]
+    assert xf.dtype == torch.float32 and float(xf.min()) == 0.0 and float(xf.max()) == 1.0
+
+
+def test_uint8_storage_matches_generator_within_half_a_level() -> None:
+    opts = {"num_classes": 5, "train_per_class": 4, "test_per_class": 2}
+    b = load_dataset(DataConfig(name="synglyph", seed=3, options=opts))
+    rng = np.random.default_rng(3)
+    raw, _ = generate_split(rng, glyph_templates(rng, 5), 4)
+    xf = b.transform([b.train.tensors[0], b.train.tensors[1]])[0][:, 0]
+    err = (xf - torch.from_numpy(raw)).abs().max()
+    assert float(err) <= 0.5 / 255 + 1e-6
 
 
 def test_templates_in_range() -> None:
