@@ -86,7 +86,21 @@ def _remove(rule: str, w: torch.Tensor, mask: torch.Tensor, k: int, temp: float,
 
 
 class SparseEngine(Callback):
-    """Drives topology updates of ``model``'s SparseLinear layers from the training loop."""
+    """Drives topology updates of ``model``'s SparseLinear layers from the training loop.
+
+    In edgetune's loop (or any loop driving Callbacks) it is a callback. In your own PyTorch loop, attach
+    it to the optimizer and call :meth:`step` right after each ``optimizer.step()``::
+
+        sparsify_(model, cfg)
+        optimizer = torch.optim.AdamW(model.parameters())      # built after sparsify_
+        engine = SparseEngine(model, cfg).attach(optimizer, total_steps=epochs * len(loader),
+                                                 steps_per_epoch=len(loader))
+        ...  loss.backward(); optimizer.step(); engine.step(); optimizer.zero_grad()
+        engine.close()
+
+    The optimizer steps of update iterations are skipped when the method asks for it, and the optimizer
+    moments follow the links (see :class:`edgetune.integrations.MethodStepper`).
+    """
 
     name = "sparse"
 
@@ -110,6 +124,8 @@ class SparseEngine(Callback):
         self.interval = 1
         self.total = 1
         self.t_end = 1
+        self.model = model
+        self.stepper: Any = None  # a MethodStepper once attach() was called
         if self.cfg.regrowth == "gradient":
             for i, (_, layer) in enumerate(self.layers):
                 self._handles.append(layer.register_forward_hook(self._capture(i)))
@@ -264,6 +280,54 @@ class SparseEngine(Callback):
         }
         log.debug("sparse update at step %d: %s", step, self.last)
         return self.last
+
+    # ------------------------------------------------------------------ outside edgetune's loop
+    def attach(self, optimizer: torch.optim.Optimizer, *, total_steps: int,
+               steps_per_epoch: int | None = None) -> SparseEngine:
+        """Drive this engine from your own loop: call :meth:`step` after each ``optimizer.step()``; return self.
+
+        ``total_steps``: optimizer steps of the whole training; ``steps_per_epoch`` (e.g. ``len(loader)``)
+        is needed by methods that update once per N epochs (cht, chts, chtss). ``optimizer`` must hold the
+        SparseLinear parameters, i.e. be built after ``sparsify_``. :attr:`stepper` (a MethodStepper) then
+        carries the loop position for your checkpoints (``engine.stepper.state_dict()``).
+        """
+        from edgetune.integrations.stepper import MethodStepper, unwrap_optimizer
+
+        if self.stepper is not None:
+            raise ConfigError("SparseEngine.attach: this engine is already attached to an optimizer; build one "
+                              "engine per training run")
+        held = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
+        missing = [name for name, layer in self.layers if id(layer.values) not in held]
+        if missing:
+            raise ConfigError(
+                f"SparseEngine.attach: the optimizer does not hold the sparse weights of {missing}; it was built "
+                "before sparsify_ replaced those layers. Build the optimizer after sparsify_(model, cfg), from "
+                "model.parameters()"
+            )
+        if self.cfg.update_unit == "epochs" and steps_per_epoch is None:
+            raise ConfigError(
+                f"SparseEngine.attach: sparse method {self.cfg.method!r} updates the topology every "
+                f"{self.cfg.update_interval} epoch(s), so it needs steps_per_epoch (optimizer steps per epoch, e.g. "
+                "len(train_loader)); pass it, or set update_unit='steps' with an update_interval in steps"
+            )
+        self.stepper = MethodStepper(self.model, optimizer, [self], total_steps=total_steps,
+                                     steps_per_epoch=steps_per_epoch)
+        return self
+
+    def step(self, loss: torch.Tensor | float | None = None) -> dict[str, float]:
+        """Call right after ``optimizer.step()`` in your loop (after :meth:`attach`); return :meth:`metrics`
+        of the update when one ran at this step, else ``{}``."""
+        if self.stepper is None:
+            raise ConfigError("SparseEngine.step: call engine.attach(optimizer, total_steps=...) once before the "
+                              "training loop (in edgetune's Trainer the engine is a callback and needs neither)")
+        before = self.updates
+        self.stepper.step(loss)
+        return self.metrics() if self.updates != before else {}
+
+    def close(self) -> None:
+        """End training driven by :meth:`step` (fires on_fit_end; removes the optimizer and model hooks)."""
+        if self.stepper is not None:
+            self.stepper.close()
 
     # ------------------------------------------------------------------ reporting and state
     def metrics(self) -> dict[str, float]:
