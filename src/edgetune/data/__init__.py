@@ -1,7 +1,9 @@
-"""Datasets: registry and loaders (IDX, CIFAR batches, digits, SynGlyph, byte text) and FSCIL splits.
+"""Datasets: registry and loaders (IDX, CIFAR batches, digits, SynGlyph, byte text, text classification
+corpora and files, image folders), tokenization, per-batch transforms and FSCIL splits.
 
-``load_dataset(DataConfig(name="fashion-mnist"))`` returns a :class:`DataBundle` of in-memory
-``TensorDataset`` splits; ``edgetune ls datasets`` lists the registered names.
+``load_dataset(DataConfig(name="fashion-mnist"))`` returns a :class:`DataBundle` of in-memory splits
+(uint8 images plus a ``ToFloat`` transform; raw text as :class:`TextDataset`, tokenized by
+:func:`tokenize_bundle`); ``edgetune ls datasets`` lists the registered names.
 """
 
 from edgetune.data import _loaders  # noqa: F401  (registers the built-in datasets)
@@ -17,8 +19,12 @@ from edgetune.data.common import make_bundle
 from edgetune.data.idx import read_idx, read_idx_images, read_idx_labels, read_idx_pair, write_idx
 from edgetune.data.locate import find_dataset
 from edgetune.data.splits import FewShotEpisode, IncrementalSplit, class_incremental_split, few_shot_episode
+from edgetune.data.text_classification import TextDataset
+from edgetune.data.tokenize import ByteTokenizer, check_tokenizer, tokenize_bundle, tokenize_split
+from edgetune.data.transforms import ToFloat, TrimPadding
 
 __all__ = [
+    "ByteTokenizer",
     "DATASETS",
     "DataBundle",
     "DataConfig",
@@ -35,5 +41,11 @@ __all__ = [
     "read_idx_labels",
     "read_idx_pair",
     "register_dataset",
+    "check_tokenizer",
+    "TextDataset",
+    "ToFloat",
+    "TrimPadding",
+    "tokenize_bundle",
+    "tokenize_split",
     "write_idx",
 ]
