@@ -87,7 +87,7 @@ def _read_safetensors(p: Path) -> StateDict:
 
     try:
         return load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as exc:
         raise CheckpointError(
             f"could not read {p} as safetensors ({type(exc).__name__}: {exc}). The file is truncated or "
             "corrupt: copy or download it again, or re-export it with safetensors.torch.save_file."
@@ -106,7 +106,7 @@ def _read_torch(p: Path) -> Any:
             "plain state dict (torch.save(model.state_dict(), path)) or as safetensors, from a Python session "
             "you trust."
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001  (a damaged pickle fails in many ways; all mean the same here)
         raise CheckpointError(
             f"could not read {p} as a torch or safetensors weight file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). The file is truncated, corrupt or "
