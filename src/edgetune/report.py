@@ -80,46 +80,88 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+#: (label, summary key) rows of a stage's results table, in order
+_ROWS = (("test accuracy", "test_acc"), ("test loss", "test_loss"), ("test perplexity", "test_ppl"),
+         ("val accuracy", "val_acc"), ("optimizer steps", "steps"), ("epochs", "epochs"),
+         ("parameters", "parameters"), ("trainable parameters", "trainable_parameters"), ("non-zeros", "nonzeros"),
+         ("model file bytes", "model_bytes"), ("latency, batch 1 (ms, median)", "latency_ms_batch1"),
+         ("peak RSS (MiB)", "peak_rss_mb"), ("peak CUDA (MiB)", "peak_cuda_mb"), ("wall time (s)", "wall_time_s"))
+#: columns of the stage comparison table
+_COMPARE = (("step", "step"), ("test acc", "test_acc"), ("test ppl", "test_ppl"), ("trainable", "trainable_parameters"),
+            ("non-zeros", "nonzeros"), ("model bytes", "model_bytes"), ("latency b1 (ms)", "latency_ms_batch1"),
+            ("wall (s)", "wall_time_s"))
+
+
+def _plots(folder: Path, records: list[dict[str, Any]], summary: dict[str, Any], title: str) -> list[tuple[str, str]]:
+    from edgetune.core.plugins import REPORT_PLOTS, load_families
+
+    plots = [(f, t) for f, k, t in (("loss.png", "loss", "Loss"), ("accuracy.png", "acc", "Accuracy"),
+                                     ("perplexity.png", "ppl", "Perplexity"))
+             if plot_curves(records, k, folder / f, f"{t} — {title}")]
+    if plot_method_metrics(records, folder / "method.png", f"Method metrics — {title}"):
+        plots.append(("method.png", "Method metrics over training"))
+    load_families()
+    for entry in REPORT_PLOTS.entries():  # family plots
+        plots += entry.obj(folder, records, summary)
+    return plots
+
+
+def _stage_lines(folder: Path, summary: dict[str, Any], level: str, prefix: str = "") -> list[str]:
+    records = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").exists() else []
+    plots = _plots(folder, records, summary, folder.name)
+    lines = [f"- model: {summary.get('model_source', '?')}" + (f" ({summary.get('task')})" if summary.get("task") else ""),
+             f"- dataset: {summary.get('dataset')} ({summary.get('data_source')})", f"- seed: {summary.get('seed')}"]
+    lines += [f"- note: {n}" for n in [*summary.get("data_notes", []), *summary.get("model_notes", [])]]
+    rows = [(label, summary.get(key)) for label, key in _ROWS]
+    rows += [(k, v) for k, v in summary.get("method_metrics", {}).items()]
+    lines += ["", f"{level} Results", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
+    groups = summary.get("trainable_by_module") or {}
+    if groups and summary.get("trainable_parameters") != summary.get("parameters"):
+        lines += ["", f"{level} Trainable parameters", "", "| module | trainable | total |", "|---|---|---|"]
+        lines += [f"| {m} | {g['trainable']} | {g['total']} |" for m, g in groups.items()]
+    expect = summary.get("expect", {})
+    if expect:
+        lines += ["", f"{level} Expected figures", "", "| figure | minimum | got | ok |", "|---|---|---|---|"]
+        lines += [f"| {k} | {e['min']} | {_fmt(e['got'])} | {'yes' if e['ok'] else 'NO'} |" for k, e in expect.items()]
+    if plots:
+        lines += ["", f"{level} Curves", ""] + [f"![{t}]({prefix}{f})" for f, t in plots]
+    return lines
+
+
+def _header(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    env = summary.get("environment", {})
+    lines = [f"# Run report: {run_dir.name}", ""]
+    cmds = (run_dir / "command.txt").read_text().split("\n") if (run_dir / "command.txt").exists() else []
+    lines += [f"- command: `{c}`" for c in cmds if c.strip()] or ["- command: (unknown)"]
+    lines += [(f"- hardware: {env.get('hardware', env.get('cpu', '?'))}; torch {env.get('torch', '?')}; "
+               f"git {env.get('git_sha', '?')}")]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.md``, ``loss.png`` and ``accuracy.png`` into ``run_dir``; return the report path."""
+    """Write ``report.md`` and its plots into ``run_dir`` (one section per stage for a staged run)."""
     run_dir = Path(run_dir)
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         raise ConfigError(f"{run_dir} holds no summary.json: it is not a finished edgetune run folder")
     summary = json.loads(summary_file.read_text())
-    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    name = run_dir.name
-    plots = [(f, t) for f, k, t in (("loss.png", "loss", "Loss"), ("accuracy.png", "acc", "Accuracy"))
-             if plot_curves(records, k, run_dir / f, f"{t} — {name}")]
-    if plot_method_metrics(records, run_dir / "method.png", f"Method metrics — {name}"):
-        plots.append(("method.png", "Method metrics over training"))
-    env = summary.get("environment", {})
-    rows = [
-        ("test accuracy", summary.get("test_acc")), ("test loss", summary.get("test_loss")),
-        ("val accuracy", summary.get("val_acc")), ("optimizer steps", summary.get("steps")),
-        ("epochs", summary.get("epochs")), ("parameters", summary.get("parameters")),
-        ("non-zeros", summary.get("nonzeros")), ("model file bytes", summary.get("model_bytes")),
-        ("latency, batch 1 (ms, median)", summary.get("latency_ms_batch1")),
-        ("peak RSS (MiB)", summary.get("peak_rss_mb")), ("peak CUDA (MiB)", summary.get("peak_cuda_mb")),
-        ("wall time (s)", summary.get("wall_time_s")),
-    ]
-    rows += [(k, v) for k, v in summary.get("method_metrics", {}).items()]
-    lines = [f"# Run report: {name}", ""]
-    cmds = (run_dir / "command.txt").read_text().split("\n") if (run_dir / "command.txt").exists() else []
-    lines += [f"- command: `{c}`" for c in cmds if c.strip()] or ["- command: (unknown)"]
-    lines += [ f"- dataset: {summary.get('dataset')} ({summary.get('data_source')})",
-              f"- seed: {summary.get('seed')}",
-              (f"- hardware: {env.get('hardware', env.get('cpu', '?'))}; torch {env.get('torch', '?')}; "
-               f"git {env.get('git_sha', '?')}")]
-    lines += [f"- note: {n}" for n in summary.get("data_notes", [])]
-    lines += ["", "## Results", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
-    expect = summary.get("expect", {})
-    if expect:
-        lines += ["", "## Expected figures", "", "| figure | minimum | got | ok |", "|---|---|---|---|"]
-        lines += [f"| {k} | {e['min']} | {_fmt(e['got'])} | {'yes' if e['ok'] else 'NO'} |" for k, e in expect.items()]
-    if plots:
-        lines += ["", "## Curves", ""] + [f"![{t}]({f})" for f, t in plots]
+    lines = _header(run_dir, summary)
+    if "stages" in summary:
+        order = summary.get("order") or list(summary["stages"])
+        lines += ["", "## Stages compared", "", "| stage | " + " | ".join(c for c, _ in _COMPARE) + " |",
+                  "|---" * (len(_COMPARE) + 1) + "|"]
+        for name in order:
+            s = summary["stages"].get(name, {})
+            lines.append(f"| {name} | " + " | ".join(_fmt(s.get(k)) if s.get(k) is not None else "" for _, k in _COMPARE)
+                         + " |")
+        for name in order:
+            s = summary["stages"].get(name)
+            if s is not None:
+                lines += ["", f"## Stage {name}", ""]
+                lines += _stage_lines(run_dir / "stages" / name, s, "###", prefix=f"stages/{name}/")
+    else:
+        lines += _stage_lines(run_dir, summary, "##")
     lines += ["", "Files: `config.yaml` (resolved recipe), `metrics.jsonl`, `summary.json`, `model.safetensors`,",
               "`checkpoints/` (resume with `edgetune run --resume " + str(run_dir) + "`).", ""]
     path = run_dir / "report.md"

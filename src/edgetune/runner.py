@@ -1,7 +1,15 @@
-"""Run a validated recipe end to end: data -> model -> method sections -> training -> measurements -> report."""
+"""Run a validated recipe end to end: for each stage, data -> model source -> method sections -> the stage's
+step (training, evaluation, or a family's own step) -> measurements -> run folder and report.
+
+A recipe without ``stages:`` is one stage written straight into the run folder. With stages, each stage gets
+``<run_dir>/stages/<name>/`` (itself a complete run folder: config, metrics, checkpoints, model, summary) and
+the run folder holds the whole recipe, a summary of every stage and one report comparing them. ``--resume``
+keeps finished stages untouched and continues at the stage that was interrupted.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -9,24 +17,31 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from edgetune.core.config import dump_yaml, load_yaml, validate
-from edgetune.core.errors import ConfigError
+from edgetune.core.errors import CheckpointError, ConfigError
+from edgetune.core.freeze import set_trainable_, trainable_report
 from edgetune.core.hooks import Callback
 from edgetune.core.sections import SECTIONS, SectionContext
 from edgetune.core.seed import seed_everything
-from edgetune.core.state import atomic_write_bytes, atomic_write_json, save_tensors
+from edgetune.core.state import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
 from edgetune.data.base import DataBundle, load_dataset
-from edgetune.models.base import ModelSpec, build_model
+from edgetune.data.batches import batch_inputs, compose, take, to_device
+from edgetune.models.base import ModelSpec
+from edgetune.models.source import LoadedModel
+from edgetune.pipeline.sources import load_model_source, loop_task
+from edgetune.pipeline.stages import resolve_stages
+from edgetune.pipeline.steps import STEPS, StepContext
 from edgetune.recipe import RunConfig, recipe_schema
-from edgetune.train.loop import Trainer, resolve_device
+from edgetune.train.loop import resolve_device
 
-__all__ = ["RunResult", "load_run_model", "new_run_dir", "resume", "run"]
+__all__ = ["LoadedRun", "RunResult", "load_run_model", "new_run_dir", "resume", "run"]
 
 log = logging.getLogger(__name__)
+MODEL_INFO = "model.json"
 
 
 @dataclass
@@ -34,6 +49,15 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     report: Path | None
+
+
+class LoadedRun(NamedTuple):
+    """A finished run's model rebuilt from its folder, its recipe, its data, and the loaded model's extras."""
+
+    model: torch.nn.Module
+    cfg: RunConfig
+    bundle: DataBundle | None
+    loaded: LoadedModel
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -46,33 +70,66 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ------------------------------------------------------------------------------------------ pieces
 def _apply_sections(model: torch.nn.Module, cfg: RunConfig, ctx: SectionContext) -> list[Callback]:
+    """Apply the recipe's family sections in the order the recipe writes them."""
     callbacks: list[Callback] = []
-    for name in SECTIONS.names():
-        section = getattr(cfg, name, None)
-        if section is not None:
-            log.info("applying recipe section %r", name)
-            callbacks.extend(SECTIONS.get(name)(model, section, ctx))
+    for name in cfg.section_names():
+        log.info("applying recipe section %r", name)
+        callbacks.extend(SECTIONS.get(name)(model, cfg.section(name), ctx))
     return callbacks
 
 
-def _measure(model: torch.nn.Module, bundle: DataBundle, device: torch.device, run_dir: Path) -> dict[str, Any]:
-    from edgetune.measure import (
-        bytes_on_disk,
-        count_nonzeros,
-        count_parameters,
-        measure_latency,
-        peak_rss_bytes,
-    )
+def _prepare_text(bundle: DataBundle, loaded: LoadedModel, cfg: RunConfig) -> DataBundle:
+    """Tokenize text splits with the model's own tokenizer (checked against the model's embeddings)."""
+    from edgetune.data.text_classification import TextDataset
 
-    x = [t[:1].to(device) for t in bundle.test.tensors[:-1]]
+    if not isinstance(bundle.train, TextDataset):
+        return bundle
+    from edgetune.data.tokenize import check_tokenizer, tokenize_bundle
+
+    if loaded.tokenizer is None:
+        raise ConfigError(
+            f"dataset {bundle.name!r} is raw text but the model ({loaded.source}) has no tokenizer; use a text model "
+            "(model.name=minilm, or model.hf=FOLDER with its tokenizer)"
+        )
+    check_tokenizer(loaded.tokenizer, loaded.model)
+    return tokenize_bundle(bundle, loaded.tokenizer, cfg.model.max_length)
+
+
+def _inputs_sampler(bundle: DataBundle, transform: Any, device: torch.device):
+    """``fn(n) -> first positional input of the first n training examples``, transformed (for data-driven inits)."""
+
+    def sample(n: int | None = None) -> torch.Tensor:
+        k = len(bundle.train) if n is None else min(n, len(bundle.train))
+        batch = to_device(take(bundle.train, torch.arange(k)), device)
+        batch = transform(batch) if transform is not None else batch
+        args, kwargs = batch_inputs(batch)
+        return args[0] if args else next(iter(kwargs.values()))
+
+    return sample
+
+
+def _measure(loaded: LoadedModel, bundle: DataBundle, transform: Any, task: str, device: torch.device,
+             weights: Path) -> dict[str, Any]:
+    from edgetune.measure import bytes_on_disk, count_nonzeros, count_parameters, measure_latency, peak_rss_bytes
+    from edgetune.train.tasks import get_task
+
+    model = loaded.model
+    batch = to_device(take(bundle.test, torch.arange(1)), device)
+    batch = transform(batch) if transform is not None else batch
+    fwd = get_task(task).forward
     model.eval()
     with torch.no_grad():
-        lat = measure_latency(lambda: model(*x), warmup=3, repeats=20, device=device)
+        lat = measure_latency(lambda: fwd(model, batch), warmup=3, repeats=20, device=device)
     out: dict[str, Any] = {
         "parameters": count_parameters(model),
         "nonzeros": count_nonzeros(model),
-        "model_bytes": bytes_on_disk(run_dir / "model.safetensors"),
+        "model_bytes": bytes_on_disk(weights),
         "latency_ms_batch1": lat.median_s * 1e3,
         "peak_rss_mb": peak_rss_bytes() / 2**20,
     }
@@ -81,68 +138,145 @@ def _measure(model: torch.nn.Module, bundle: DataBundle, device: torch.device, r
     return out
 
 
-def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
-        write_report: bool = True, command: str | None = None) -> RunResult:
-    """Train ``cfg`` into ``run_dir`` (a new folder when None); with ``resume`` continue from its checkpoint.
+def _write_start(run_dir: Path, cfg: RunConfig, command: str | None, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "config.yaml", dump_yaml(cfg.to_dict()).encode())
+    cmd = command or shlex.join(sys.argv)
+    if resume:
+        prev = (run_dir / "command.txt").read_text() if (run_dir / "command.txt").exists() else ""
+        cmd = prev.rstrip("\n") + ("\n" if prev else "") + cmd
+    atomic_write_bytes(run_dir / "command.txt", (cmd + "\n").encode())
 
-    ``command`` is recorded in the run folder and the report (default: this process's argv).
-    """
+
+# ------------------------------------------------------------------------------------------ a stage
+def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: dict[str, Any] | None = None,
+              stage: str = "main") -> tuple[dict[str, Any], LoadedModel]:
+    """Run one stage into ``stage_dir``; return its summary and its model (for later stages)."""
     t0 = time.perf_counter()
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.yaml", dump_yaml(cfg.to_dict()).encode())
-        cmd = command or shlex.join(sys.argv)
-        if resume:
-            prev = (run_dir / "command.txt").read_text() if (run_dir / "command.txt").exists() else ""
-            cmd = prev.rstrip("\n") + ("\n" if prev else "") + cmd
-        atomic_write_bytes(run_dir / "command.txt", (cmd + "\n").encode())
+    rank = _rank()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     bundle = load_dataset(cfg.data)
-    log.info("data: %s (%d train, %d test) from %s", bundle.name, len(bundle.train), len(bundle.test), bundle.source)
+    log.info("[%s] data: %s (%d train, %d test) from %s", stage, bundle.name, len(bundle.train), len(bundle.test),
+             bundle.source)
     spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)
-    model = build_model(cfg.model.name, cfg.model.options(), spec, device=device)
-    n_train = len(bundle.train)
-    steps_per_epoch = -(-n_train // cfg.train.batch_size)
+    loaded = load_model_source(cfg.model, spec, device, stages=stages,
+                               generator=torch.Generator().manual_seed(cfg.seed))
+    task = loop_task(cfg.model.task, bundle.task)
+    loaded.task = task
+    bundle = _prepare_text(bundle, loaded, cfg)
+    transform = compose(bundle.transform, loaded.transform)
+    patterns = cfg.train.trainable or (["head"] if cfg.model.task == "features" else None)
+    if patterns:
+        set_trainable_(loaded.model, patterns, head=loaded.head)
+    model = loaded.model
+    steps_per_epoch = -(-len(bundle.train) // cfg.train.batch_size)
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-    ctx = SectionContext(total_steps=total, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs,
-                         device=device, seed=cfg.seed, run_dir=run_dir, train_inputs=bundle.train.tensors[0])
+    ctx = SectionContext(total_steps=total, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs, device=device,
+                         seed=cfg.seed, run_dir=stage_dir, sample_inputs=_inputs_sampler(bundle, transform, device))
     callbacks = _apply_sections(model, cfg, ctx)
-    trainer = Trainer(model, bundle.train, cfg.train, val=bundle.val, test=bundle.test, callbacks=callbacks,
-                      run_dir=run_dir, seed=cfg.seed)
-    if resume and not trainer.resume():
-        log.warning("no checkpoint in %s: starting from the beginning", run_dir)
-    summary = trainer.fit()
+    params = trainable_report(model)
+    entry = STEPS.entry(cfg.step)
+    step_ctx = StepContext(loaded=loaded, data=bundle, cfg=cfg, device=device, run_dir=stage_dir, task=task,
+                           transform=transform, callbacks=callbacks, resume=resume,
+                           options=cfg.section(cfg.step) if entry.config is not None else None,
+                           stages=dict(stages or {}))
+    summary = dict(entry.obj(step_ctx))
     summary["rank"] = rank
-    report = None
     if rank == 0:
-        save_tensors(model.state_dict(), run_dir / "model.safetensors", metadata={"format": "edgetune-model"})
-        summary.update(_measure(model, bundle, device, run_dir))
+        weights = stage_dir / "model.safetensors"
+        save_tensors(model.state_dict(), weights, metadata={"format": "edgetune-model"})
+        atomic_write_json(stage_dir / MODEL_INFO, {
+            "spec": {"input_shape": list(spec.input_shape), "num_classes": spec.num_classes, "task": spec.task},
+            "task": task, "head": loaded.head, "source": loaded.source})
+        summary.update(_measure(loaded, bundle, transform, task, device, weights))
+        summary.update(params)
         from edgetune.measure import environment
 
         summary.update({
-            "dataset": bundle.name, "train_examples": len(bundle.train), "data_source": bundle.source, "data_notes": bundle.notes,
+            "stage": stage, "step": cfg.step, "task": task, "model_source": loaded.source,
+            "model_notes": loaded.notes, "dataset": bundle.name, "train_examples": len(bundle.train),
+            "data_source": bundle.source, "data_notes": bundle.notes, "seed": cfg.seed,
             # a resumed run adds the time its earlier processes spent training (from the checkpoint)
-            "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0 + summary.get("earlier_time_s", 0.0),
+            "wall_time_s": time.perf_counter() - t0 + summary.get("earlier_time_s", 0.0),
             "environment": environment(),
             "method_metrics": {k: v for cb in callbacks for k, v in cb.metrics().items()},
         })
         checks = {k: summary.get(k.removeprefix("min_")) for k in cfg.expect}
         summary["expect"] = {k: {"min": v, "got": checks[k], "ok": checks[k] is not None and checks[k] >= v}
                              for k, v in cfg.expect.items()}
-        atomic_write_json(run_dir / "summary.json", summary)
-        if write_report:
-            from edgetune.report import write_report as _write
+        atomic_write_json(stage_dir / "summary.json", summary)
+    return summary, loaded
 
-            report = _write(run_dir)
-    if trainer.ws > 1:
+
+# ------------------------------------------------------------------------------------------ a run
+def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = False,
+        write_report: bool = True, command: str | None = None) -> RunResult:
+    """Run ``cfg`` into ``run_dir`` (a new folder when None); with ``resume`` continue from its checkpoints.
+
+    ``command`` is recorded in the run folder and the report (default: this process's argv).
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    rank = _rank()
+    stages = resolve_stages(cfg)
+    if rank == 0:
+        _write_start(run_dir, cfg, command, resume)
+    if not cfg.stages:
+        summary, _ = run_stage(cfg, run_dir, resume=resume)
+    else:
+        summary = _run_stages(cfg, stages, run_dir, resume=resume, t0=t0)
+    report = None
+    if rank == 0 and write_report:
+        from edgetune.report import write_report as _write
+
+        report = _write(run_dir)
+    if summary.get("world_size", 1) > 1 or any(s.get("world_size", 1) > 1 for s in summary.get("stages", {}).values()):
         from edgetune.train.distributed import shutdown
 
         shutdown()
     return RunResult(run_dir=run_dir, summary=summary, report=report)
+
+
+def _run_stages(cfg: RunConfig, stages: list[tuple[str, RunConfig]], run_dir: Path, *, resume: bool,
+                t0: float) -> dict[str, Any]:
+    rank = _rank()
+    models: dict[str, Any] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, scfg in stages:
+        sdir = run_dir / "stages" / name
+        done = sdir / "summary.json"
+        if resume and done.is_file():
+            log.info("stage %s finished earlier: kept as it is", name)
+            summaries[name] = json.loads(done.read_text())
+            models[name] = _lazy_stage_model(sdir)
+            continue
+        log.info("stage %s: %s", name, scfg.step)
+        if rank == 0:
+            _write_start(sdir, scfg, None, resume and sdir.exists())
+        summary, loaded = run_stage(scfg, sdir, resume=resume and sdir.exists(), stages=models, stage=name)
+        summaries[name] = summary
+        models[name] = lambda loaded=loaded: loaded
+    from edgetune.measure import environment
+
+    top = {"stages": summaries, "order": [n for n, _ in stages], "seed": cfg.seed,
+           "wall_time_s": time.perf_counter() - t0, "environment": environment(),
+           "expect": {f"{n}.{k}": e for n, s in summaries.items() for k, e in s.get("expect", {}).items()}}
+    if rank == 0:
+        atomic_write_json(run_dir / "summary.json", top)
+    return top
+
+
+def _lazy_stage_model(folder: Path):
+    cache: list[LoadedModel] = []
+
+    def get() -> LoadedModel:
+        if not cache:
+            cache.append(load_run_model(folder).loaded)
+        return cache[0]
+
+    return get
 
 
 def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | None = None) -> RunResult:
@@ -157,28 +291,54 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | 
     return run(cfg, run_dir, resume=True, command=command)
 
 
-def load_run_model(run_dir: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, RunConfig, DataBundle]:
-    """Rebuild the trained model of a finished run folder (architecture + method sections + weights).
+# ------------------------------------------------------------------------------------------ reloading
+def _final_stage_folder(run_dir: Path) -> Path:
+    """A staged run's last finished stage (the model a ``from: RUN_DIR`` means)."""
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    for name in reversed(summary.get("order", [])):
+        if (run_dir / "stages" / name / "model.safetensors").is_file():
+            return run_dir / "stages" / name
+    raise ConfigError(f"{run_dir} is a staged run with no finished stage; give a stage folder "
+                      f"({run_dir}/stages/NAME) or finish the run with `edgetune run --resume {run_dir}`")
 
-    Returns the model in eval mode, the run's recipe, and its dataset (for measurements).
+
+def load_run_model(run_dir: str | Path, device: str = "cpu", *, with_data: bool | None = None) -> LoadedRun:
+    """Rebuild the trained model of a finished run folder (model source + method sections + trained weights).
+
+    A staged run folder gives its last finished stage. Returns the model in eval mode, the recipe, the dataset
+    (loaded when the folder predates ``model.json`` or ``with_data`` is True) and the :class:`LoadedModel`.
     """
-    from edgetune.core.errors import CheckpointError
-    from edgetune.core.state import load_tensors
-
     run_dir = Path(run_dir)
+    if (run_dir / "stages").is_dir() and not (run_dir / "model.safetensors").is_file():
+        run_dir = _final_stage_folder(run_dir)
     weights = run_dir / "model.safetensors"
     if not (run_dir / "config.yaml").is_file() or not weights.is_file():
-        raise ConfigError(f"{run_dir} is not a finished run folder (needs config.yaml and model.safetensors)")
-    cfg = validate(recipe_schema(), load_yaml(run_dir / "config.yaml"))
+        raise ConfigError(f"{run_dir} is not a finished run folder (it needs config.yaml and model.safetensors); "
+                          "give the folder `edgetune run` wrote, after the run finished")
+    cfg = validate(recipe_schema(), load_yaml(run_dir / "config.yaml"), where=str(run_dir / "config.yaml"))
     seed_everything(cfg.seed)
-    bundle = load_dataset(cfg.data)
-    spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)
-    model = build_model(cfg.model.name, cfg.model.options(), spec, device=device)
-    ctx = SectionContext(total_steps=1, steps_per_epoch=1, epochs=1, device=torch.device(device), seed=cfg.seed,
-                         run_dir=None, train_inputs=bundle.train.tensors[0])
-    _apply_sections(model, cfg, ctx)
+    info_file = run_dir / MODEL_INFO
+    bundle = None
+    if info_file.is_file() and not with_data:
+        info = json.loads(info_file.read_text())
+        s = info["spec"]
+        spec = ModelSpec(tuple(s["input_shape"]), int(s["num_classes"]), s["task"])
+    else:
+        bundle = load_dataset(cfg.data)
+        spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)
+    stages = None
+    if cfg.model.source_kind == "stage":  # a stage folder: its source stage is a sibling folder
+        ref = cfg.model.from_.removeprefix("stage:")
+        stages = {ref: _lazy_stage_model(run_dir.parent / ref)}
+    dev = torch.device(device)
+    loaded = load_model_source(cfg.model, spec, dev, stages=stages, generator=torch.Generator().manual_seed(cfg.seed))
+    loaded.task = loop_task(cfg.model.task, spec.task)
+    ctx = SectionContext(total_steps=1, steps_per_epoch=1, epochs=1, device=dev, seed=cfg.seed, run_dir=None)
+    _apply_sections(loaded.model, cfg, ctx)
     try:
-        model.load_state_dict(load_tensors(weights, device=device))
+        loaded.model.load_state_dict(load_tensors(weights, device=device))
     except RuntimeError as err:
         raise CheckpointError(f"{weights} does not fit the model its config.yaml describes: {err}") from None
-    return model.eval(), cfg, bundle
+    loaded.source = f"run {run_dir}"
+    loaded.model.eval()
+    return LoadedRun(loaded.model, cfg, bundle, loaded)

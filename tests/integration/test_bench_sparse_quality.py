@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgetune.bench import run_suite
-from edgetune.bench.sparse_quality import quality_table
+from edgetune.sparse.bench.quality import quality_table
 
 OPTS = {"methods": ["set"], "seeds": [0], "epochs": 3, "set": ["train.num_threads=1"]}
 

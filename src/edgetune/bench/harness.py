@@ -202,6 +202,9 @@ def run_suite(
     description (tests; normally :func:`environment`).
     Nothing is written when the suite raises.
     """
+    from edgetune.core.plugins import load_families
+
+    load_families()  # families register their suites
     entry = SUITES.entry(name)
     opts = dict(options or {})
     _check_options(entry.name, opts, entry.meta.get("options"))

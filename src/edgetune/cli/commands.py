@@ -46,8 +46,13 @@ def _run(args: argparse.Namespace) -> int:
     s = result.summary
     if s.get("rank", 0) != 0:  # under torchrun only rank 0 reports
         return 0
-    if "test_acc" in s:
-        print(f"test accuracy {s['test_acc']:.4f} after {s['steps']} steps ({s['wall_time_s']:.0f} s)")
+    for name, st in (s.get("stages") or {"": s}).items():
+        label = f"{name}: " if name else ""
+        if "test_acc" in st:
+            print(f"{label}test accuracy {st['test_acc']:.4f} after {st.get('steps', 0)} steps "
+                  f"({st.get('wall_time_s', 0):.0f} s)")
+        elif "test_ppl" in st:
+            print(f"{label}test perplexity {st['test_ppl']:.2f} after {st.get('steps', 0)} steps")
     print(f"report: {result.report or result.run_dir}")
     failed = [k for k, e in s.get("expect", {}).items() if not e["ok"]]
     if failed:
@@ -75,14 +80,18 @@ def _ls(args: argparse.Namespace) -> int:
     import edgetune.data._loaders
     import edgetune.models._builders
 
+    from edgetune.core.plugins import load_families
+
+    load_families()
     what = args.what
+    if what == "models":
+        return _ls_models()
     if what == "recipes":
         for name, path in list_recipes():
             print(f"{name:32s} {_first_comment(path)}")
         return 0
-    if what == "suites":
-        import edgetune.bench  # noqa: F401
-    kinds = {"datasets": ["dataset"], "models": ["model"], "suites": ["bench suite"]}
+    kinds = {"datasets": ["dataset"], "suites": ["bench suite"], "tasks": ["task"], "exports": ["export format"],
+             "steps": ["stage step"]}
     registries = Registry.all()
     if what == "methods":
         names = [k for k in registries if k.endswith("method") or k == "recipe section"]
@@ -99,6 +108,21 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ls_models() -> int:
+    from edgetune.models.base import MODELS
+    from edgetune.models.pretrained import pretrained_status
+
+    print("[architectures]  (model.name; trained from scratch, or from model.weights)")
+    for e in MODELS.entries():
+        print(f"  {e.name:22s} {e.summary}")
+    print("[pretrained]  (model.name; installed by `make models`)")
+    for st in pretrained_status():
+        state = "installed" if st.installed else "not installed"
+        print(f"  {st.name:22s} {state:14s} {st.summary} ({st.package}, {st.size_mb:.0f} MB)")
+    print("Also: model.hf=FOLDER (a local Hugging Face model), model.from=RUN_DIR or stage:NAME")
+    return 0
+
+
 def _first_comment(path: Path) -> str:
     for line in path.read_text().splitlines():
         if line.startswith("#"):
@@ -108,7 +132,7 @@ def _first_comment(path: Path) -> str:
 
 def add_ls(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list methods, models, datasets, recipes or bench suites")
-    p.add_argument("what", nargs="?", default="methods", choices=["methods", "models", "datasets", "recipes", "suites"])
+    p.add_argument("what", nargs="?", default="methods", choices=["methods", "models", "datasets", "recipes", "suites", "tasks", "exports", "steps"])
     p.set_defaults(func=_ls)
 
 
@@ -173,20 +197,31 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------------------- export
 def _export(args: argparse.Namespace) -> int:
-    from edgetune.sparse.export import export_run
+    from edgetune.core.plugins import EXPORTS, load_families
+    from edgetune.runner import load_run_model
 
-    rep = export_run(args.run_dir, args.out)
-    print(f"exported to {rep['out_dir']}: {rep['bytes_before']} -> {rep['bytes_after']} bytes, "
-          f"widths {rep['widths_before']} -> {rep['widths_after']}, "
-          f"latency batch 1 {rep['latency_ms_batch1_before']:.3f} -> {rep['latency_ms_batch1_after']:.3f} ms, "
-          f"test accuracy {rep['test_acc_before']:.4f} -> {rep['test_acc_after']:.4f}")
+    load_families()
+    run = load_run_model(args.run_dir, with_data=True)
+    if args.format:
+        name = args.format
+        EXPORTS.entry(name)  # unknown: ConfigError listing the formats
+    else:
+        fits = [e.name for e in EXPORTS.entries() if e.obj.applies(run.cfg)]
+        if not fits:
+            known = ", ".join(EXPORTS.names()) or "(none)"
+            raise ConfigError(f"no export format applies to the run in {args.run_dir} (its recipe uses no method with "
+                              f"an export format); pass --format NAME, one of: {known}")
+        name = fits[0]
+    rep = EXPORTS.get(name).export(run, Path(args.run_dir), args.out)
+    print(f"exported ({name}) to {rep.get('out_dir', args.out)}: {rep.get('message', '')}".rstrip(": "))
     return 0
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a compact model of a finished run (sparse storage, dead neurons removed)")
+    p = sub.add_parser("export", help="write a deployable model of a finished run in a family's export format")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--format", help="export format (default: the one the run's methods provide; edgetune ls exports)")
     p.set_defaults(func=_export)
 
 

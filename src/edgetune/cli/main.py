@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in commands.ALL:
         register(sub)
+    from edgetune.core.plugins import COMMANDS, load_families
+
+    load_families()
+    for entry in COMMANDS.entries():  # family verbs (edgetune.<family>.family registers them)
+        entry.obj(sub)
     return p
 
 

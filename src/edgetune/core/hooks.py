@@ -3,8 +3,8 @@
 Methods plug into training by implementing a :class:`Callback`: every hook is a no-op by default, so a
 method overrides only the points it needs. The loop calls, in order::
 
-    on_fit_start
-      on_session_start                       (once per call of Trainer.fit; incremental runners call fit per session)
+    on_fit_start                             (first call of Trainer.fit)
+      on_session_start                       (once per call of Trainer.fit: each call is a session)
         on_epoch_start
           [per batch] forward -> loss -> backward
           after_backward                     (gradients are available; masks can be applied to them)
@@ -13,7 +13,10 @@ method overrides only the points it needs. The loop calls, in order::
           after_optimizer_step               (topology updates, weight masking)
         on_epoch_end                         (after evaluation; state.last_eval holds its metrics)
       on_session_end
-    on_fit_end
+    on_fit_end                               (Trainer.close(), after the last session)
+
+``state.step`` counts optimizer steps over the whole run; a session runs from ``state.session_start`` to
+``state.total_steps`` (both global steps), so ``state.progress`` is the fraction of the current session done.
 
 A callback that carries state across a resume implements ``state_dict()`` / ``load_state_dict()``:
 nested dicts/lists of tensors, numbers and strings (tensors go to safetensors, the rest to JSON).
@@ -43,6 +46,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     session: int = 0
+    session_start: int = 0
     rank: int = 0
     world_size: int = 1
     loss: torch.Tensor | None = None
@@ -52,8 +56,8 @@ class TrainState:
 
     @property
     def progress(self) -> float:
-        """Fraction of training done, in [0, 1]."""
-        return min(1.0, self.step / max(1, self.total_steps))
+        """Fraction of the current session done, in [0, 1]."""
+        return min(1.0, (self.step - self.session_start) / max(1, self.total_steps - self.session_start))
 
 
 class Callback:

@@ -24,7 +24,7 @@ __all__ = ["SECTIONS", "SectionContext", "register_section"]
 
 @dataclass
 class SectionContext:
-    """What a section's ``apply`` may use: data facts, the training length, device, run folder, seed."""
+    """What a section's ``apply`` may use: the training length, device, run folder, seed, a data sampler."""
 
     total_steps: int
     steps_per_epoch: int
@@ -32,7 +32,9 @@ class SectionContext:
     device: Any
     seed: int
     run_dir: Path | None = None
-    train_inputs: Any = None  # training inputs tensor, for data-driven initialisations
+    #: ``fn(n=None) -> Tensor``: the first positional input of the first n training examples (all when None),
+    #: preprocessed as the model sees it; for data-driven initialisations. None when there is no data.
+    sample_inputs: Callable[[int | None], Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

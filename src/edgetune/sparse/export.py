@@ -216,9 +216,12 @@ def _latency_ms(model: nn.Module, tensors: tuple[Tensor, ...], batch: int, repea
     return measure_latency(lambda: model(*xs), warmup=3, repeats=repeats).median_s * 1e3
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, rule: StorageRule | None = None,
-               latency_repeats: int = 20) -> dict[str, Any]:
+def export_run(run: Any, run_dir: str | Path, out_dir: str | Path | None = None, *,
+               rule: StorageRule | None = None, latency_repeats: int = 20) -> dict[str, Any]:
     """Export the trained model of a finished run folder to ``out_dir`` (default ``RUN_DIR/export``).
+
+    ``run`` is the run's model, recipe and data as the pipeline reloads them (``edgetune.runner.load_run_model``
+    with ``with_data=True``; the ``edgetune export`` command passes it), so the family needs no pipeline import.
 
     MLPs are compacted (:func:`compact_mlp_`); other models keep their neurons and only get the storage
     rule. The export is reloaded with :func:`load_exported` and compared with the run's model on its test
@@ -228,13 +231,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, *, rule: 
     import copy
 
     from edgetune.measure import bytes_on_disk, count_nonzeros, count_parameters
-    from edgetune.runner import load_run_model
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
-    model, cfg, bundle = load_run_model(run_dir)
+    model, cfg, bundle = run.model, run.cfg, run.bundle
     reference = copy.deepcopy(model)
     test = tuple(bundle.test.tensors)
+    if bundle.transform is not None:  # e.g. uint8 images to floats, as the model saw them in training
+        test = tuple(bundle.transform(list(test)))
     report: dict[str, Any] = {"run_dir": str(run_dir), "out_dir": str(out), "model": cfg.model.name,
                               "bytes_before": bytes_on_disk(run_dir / "model.safetensors"),
                               "parameters_before": count_parameters(model),

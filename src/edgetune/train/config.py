@@ -67,6 +67,8 @@ class TrainConfig(Config):
     grad_clip: max global gradient norm, or None.
     max_steps: stop after this many optimizer steps in total (None: run all epochs).
     num_threads: torch intra-op threads on CPU (None: torch's default).
+    trainable: name patterns of the parameters to train (globs, ``re:`` regexes, or ``head``); the rest are
+        frozen. None: everything trains (a ``features`` model trains its head only).
     """
 
     epochs: int = Field(default=5, ge=1, le=100_000)
@@ -84,6 +86,7 @@ class TrainConfig(Config):
     eval_every_epochs: int = Field(default=1, ge=1)
     progress: bool = True
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    trainable: list[str] | None = None
 
     @field_validator("device")
     @classmethod

@@ -252,7 +252,7 @@ def test_sampling_errors() -> None:
 
 
 def test_benchmark_rows_and_topk_agreement() -> None:
-    from edgetune.bench.sparse_predictors import predictor_rows, topk_agreement
+    from edgetune.sparse.bench.predictors import predictor_rows, topk_agreement
 
     rows = predictor_rows([(48, 40, 0.1)], ["ch3_l3", "ch2_l3n"], repeats=1, quality=True, num_threads=1)
     assert [r["method"] for r in rows] == ["ch3_l3", "ch2_l3n"]

@@ -274,7 +274,7 @@ def test_state_dict_round_trip_with_other_nnz() -> None:
 
 
 def test_train_step_rows_smoke() -> None:
-    from edgetune.bench.sparse_train_speed import train_step_rows
+    from edgetune.sparse.bench.train_speed import train_step_rows
 
     rows = train_step_rows(0.05, widths=(64, 64), batch=8, repeats=2, warmup=1, in_features=32, threads=None)
     dense, sparse = rows

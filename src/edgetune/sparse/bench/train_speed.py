@@ -6,7 +6,7 @@ cross-entropy, backward, Adam step; timed as the median over interleaved repeats
 and sparse measured side by side in one process. Memory = bytes of parameters + gradients + optimizer
 state (+ the sparse topology's index structures, reported apart).
 
-Run: ``PYTHONPATH=src python -m edgetune.bench.sparse_train_speed --density 0.01 --batch 128 1024``
+Run: ``PYTHONPATH=src python -m edgetune.sparse.bench.train_speed --density 0.01 --batch 128 1024``
 """
 
 from __future__ import annotations

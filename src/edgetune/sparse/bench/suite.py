@@ -24,8 +24,8 @@ LLM_SIZES = [(11008, 4096, 0.05), (14336, 4096, 0.05)]
                          "batches": "train-step batch sizes (list)", "threads": "CPU threads for the train step",
                          "llm": "also time the node-based predictors on LLM-size layers (default: on CUDA)"})
 def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
-    from edgetune.bench.sparse_predictors import predictor_rows
-    from edgetune.bench.sparse_train_speed import train_step_rows
+    from edgetune.sparse.bench.predictors import predictor_rows
+    from edgetune.sparse.bench.train_speed import train_step_rows
 
     part = ctx.option("part", "all")
     if part in ("predictors", "all"):

@@ -1,0 +1,1 @@
+"""The pipeline: model sources, stages and run folders (it knows recipe sections, not families)."""

@@ -1,0 +1,4 @@
+"""The sparse family's bench suites: ``sparse`` (link prediction and train-step speed) and ``sparse-quality``."""
+
+from edgetune.sparse.bench import quality as _quality  # noqa: F401  (registers its suite)
+from edgetune.sparse.bench import suite as _suite  # noqa: F401  (registers its suite)
