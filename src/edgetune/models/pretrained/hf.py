@@ -197,7 +197,15 @@ def _head_name(model: nn.Module, num_labels: int) -> str | None:
     return names[-1] if names else None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
 def _load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, or None when it has no tokenizer files (transformers would invent an empty one)."""
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        log.info("no tokenizer files in %s; the model is returned without a tokenizer", folder)
+        return None
     tf = require_transformers()
     try:
         tok = tf.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -238,6 +246,8 @@ def load_hf(
         try:
             config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
             model, head = _build(tf, folder, config, task, num_classes, pool, notes)
+        except EdgetuneError:
+            raise
         except _load_errors() as exc:
             raise CheckpointError(
                 f"could not load the Hugging Face model in {folder} for task {task!r} ({type(exc).__name__}: "
