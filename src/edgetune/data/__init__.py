@@ -24,12 +24,16 @@ from edgetune.data.tokenize import ByteTokenizer, check_tokenizer, tokenize_bund
 from edgetune.data.transforms import ToFloat, TrimPadding
 
 __all__ = [
-    "ByteTokenizer",
     "DATASETS",
+    "ByteTokenizer",
     "DataBundle",
     "DataConfig",
     "FewShotEpisode",
     "IncrementalSplit",
+    "TextDataset",
+    "ToFloat",
+    "TrimPadding",
+    "check_tokenizer",
     "class_incremental_split",
     "few_shot_episode",
     "find_dataset",
@@ -41,10 +45,6 @@ __all__ = [
     "read_idx_labels",
     "read_idx_pair",
     "register_dataset",
-    "check_tokenizer",
-    "TextDataset",
-    "ToFloat",
-    "TrimPadding",
     "tokenize_bundle",
     "tokenize_split",
     "write_idx",

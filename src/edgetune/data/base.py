@@ -93,7 +93,9 @@ Loader = Callable[[DataConfig], DataBundle]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
-def register_dataset(name: str, *, config: type[Config] | None = None, summary: str = "") -> Callable[[Loader], Loader]:
+def register_dataset(
+    name: str, *, config: type[Config] | None = None, summary: str = ""
+) -> Callable[[Loader], Loader]:
     """Register a loader; ``config`` validates ``data.options`` for it."""
     return DATASETS.register(name, config=config, summary=summary)
 
@@ -120,6 +122,8 @@ def load_dataset(cfg: DataConfig) -> DataBundle:
             raise
         note = f"dataset {cfg.name!r} not available, using fallback {cfg.fallback!r} instead. ({err})"
         log.warning(note)
-        bundle = load_dataset(cfg.model_copy(update={"name": cfg.fallback, "fallback": None, "path": None, "options": {}}))
+        bundle = load_dataset(
+            cfg.model_copy(update={"name": cfg.fallback, "fallback": None, "path": None, "options": {}})
+        )
         bundle.notes.insert(0, note)
         return bundle

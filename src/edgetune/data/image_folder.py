@@ -98,7 +98,9 @@ def _stack(images: list[np.ndarray], kept: list[tuple[Path, str]], root: Path) -
         example = {}
         for im, (f, _) in zip(images, kept):
             example.setdefault(im.shape[:2], f.name)
-        listed = "; ".join(f"{h}x{w}: {n} files, e.g. {example[(h, w)]}" for (h, w), n in shapes.most_common(3))
+        listed = "; ".join(
+            f"{h}x{w}: {n} files, e.g. {example[(h, w)]}" for (h, w), n in shapes.most_common(3)
+        )
         (h, w), _ = shapes.most_common(1)[0]
         raise DataError(
             f"images in {str(root)!r} come in {len(shapes)} sizes (height x width: {listed}). Set "
@@ -140,7 +142,9 @@ def _read_split(
     return _stack(images, kept, root), labels, kept
 
 
-@register_dataset("image-folder", config=ImageFolderOptions, summary="your images in class subfolders (data.path)")
+@register_dataset(
+    "image-folder", config=ImageFolderOptions, summary="your images in class subfolders (data.path)"
+)
 def load_image_folder(cfg: DataConfig) -> DataBundle:
     """Images in ``data.path/<class>/`` (or ``train/`` and ``test/`` subfolders): uint8 ``(N, C, H, W)``."""
     opts: ImageFolderOptions = loader_options(cfg, ImageFolderOptions)

@@ -19,7 +19,15 @@ from pathlib import Path
 
 from edgetune.core.errors import DataError
 
-__all__ = ["ENV_VAR", "SYSTEM_ROOTS", "candidate_dirs", "find_dataset", "find_file", "find_folder", "user_data_root"]
+__all__ = [
+    "ENV_VAR",
+    "SYSTEM_ROOTS",
+    "candidate_dirs",
+    "find_dataset",
+    "find_file",
+    "find_folder",
+    "user_data_root",
+]
 
 log = logging.getLogger(__name__)
 

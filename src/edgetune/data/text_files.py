@@ -25,7 +25,7 @@ from edgetune.core.errors import ConfigError, DataError
 from edgetune.data.base import DataBundle, DataConfig, loader_options, register_dataset
 from edgetune.data.text_classification import TextDataset, encode_labels, holdout_split, make_text_bundle
 
-__all__ = ["TextFileOptions", "read_jsonl_records", "read_csv_records", "read_utf8"]
+__all__ = ["TextFileOptions", "read_csv_records", "read_jsonl_records", "read_utf8"]
 
 _INT = re.compile(r"^\s*-?\d+\s*$")
 Record = tuple[int, str, Any]  # (line number, text, raw label)
@@ -48,7 +48,9 @@ def read_utf8(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise DataError(f"cannot read {str(path)!r}: {err.strerror or err}; check the path and its permissions.") from None
+        raise DataError(
+            f"cannot read {str(path)!r}: {err.strerror or err}; check the path and its permissions."
+        ) from None
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[bom:].decode("utf-8")
@@ -89,7 +91,9 @@ def read_csv_records(path: Path, opts: TextFileOptions) -> list[Record]:
                 )
             out.append((reader.line_num, text, label.strip()))
     except csv.Error as err:
-        raise DataError(f"{str(path)!r} line {reader.line_num}: malformed CSV ({err}); fix the quoting there.") from None
+        raise DataError(
+            f"{str(path)!r} line {reader.line_num}: malformed CSV ({err}); fix the quoting there."
+        ) from None
     return out
 
 
@@ -104,10 +108,12 @@ def read_jsonl_records(path: Path, opts: TextFileOptions) -> list[Record]:
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{str(path)!r} line {i}: not valid JSON ({err.msg} at column {err.colno}); each line must "
-                "be one JSON object like {\"text\": \"...\", \"label\": \"...\"}."
+                'be one JSON object like {"text": "...", "label": "..."}.'
             ) from None
         if not isinstance(obj, dict):
-            raise DataError(f"{str(path)!r} line {i}: a JSON {type(obj).__name__}, not an object; write one object per line.")
+            raise DataError(
+                f"{str(path)!r} line {i}: a JSON {type(obj).__name__}, not an object; write one object per line."
+            )
         for field, option in ((opts.text_field, "text_field"), (opts.label_field, "label_field")):
             if field not in obj:
                 raise _missing_field(path, i, field, list(obj), option)
@@ -179,7 +185,9 @@ def load_text_csv(cfg: DataConfig) -> DataBundle:
     return _load_text_files(cfg, "text-csv", (".csv", ".tsv"))
 
 
-@register_dataset("text-jsonl", config=TextFileOptions, summary="your text classification JSON lines (data.path)")
+@register_dataset(
+    "text-jsonl", config=TextFileOptions, summary="your text classification JSON lines (data.path)"
+)
 def load_text_jsonl(cfg: DataConfig) -> DataBundle:
     """Texts and labels from JSON-lines files (one object per line)."""
     return _load_text_files(cfg, "text-jsonl", (".jsonl", ".json"))

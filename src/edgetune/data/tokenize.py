@@ -74,13 +74,20 @@ class ByteTokenizer:
         batch = [texts] if isinstance(texts, str) else list(texts)
         ids = [self.encode(t, max_length if truncation else None) for t in batch]
         if padding in (True, "longest", "max_length"):
-            width = max_length if padding == "max_length" and max_length else max((len(i) for i in ids), default=0)
+            width = (
+                max_length
+                if padding == "max_length" and max_length
+                else max((len(i) for i in ids), default=0)
+            )
             mask = [[1] * len(i) + [0] * (width - len(i)) for i in ids]
             ids = [i + [self.pad_token_id] * (width - len(i)) for i in ids]
         else:
             mask = [[1] * len(i) for i in ids]
         if return_tensors == "pt":
-            return {"input_ids": torch.tensor(ids, dtype=torch.int64), "attention_mask": torch.tensor(mask, dtype=torch.int64)}
+            return {
+                "input_ids": torch.tensor(ids, dtype=torch.int64),
+                "attention_mask": torch.tensor(mask, dtype=torch.int64),
+            }
         if return_tensors is not None:
             raise ValueError(f"ByteTokenizer returns lists or 'pt' tensors, not {return_tensors!r}")
         return {"input_ids": ids, "attention_mask": mask}
@@ -119,7 +126,11 @@ def tokenize_split(ds: TextDataset, tokenizer: Any, max_length: int) -> DictData
             "attention_mask; use a Hugging Face tokenizer or ByteTokenizer."
         ) from None
     return DictDataset(
-        {"input_ids": ids.to(torch.int64), "attention_mask": mask.to(torch.int64), "labels": ds.labels.clone()}
+        {
+            "input_ids": ids.to(torch.int64),
+            "attention_mask": mask.to(torch.int64),
+            "labels": ds.labels.clone(),
+        }
     )
 
 
