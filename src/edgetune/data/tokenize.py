@@ -30,9 +30,9 @@ __all__ = ["ByteTokenizer", "check_tokenizer", "tokenize_bundle", "tokenize_spli
 log = logging.getLogger(__name__)
 
 # Texts are cut to max_length * _CHARS_PER_TOKEN characters before tokenizing: a long mail is not
-# tokenized in full only to be truncated. Only a text whose first tokens average > 32 characters
+# tokenized in full only to be truncated. Only a text whose first tokens average > 16 characters
 # (unbroken base64, say) could come out differently.
-_CHARS_PER_TOKEN = 32
+_CHARS_PER_TOKEN = 16
 
 
 class ByteTokenizer:

@@ -106,3 +106,24 @@ def test_env_subfolder_used_for_fashion_mnist(roots: dict[str, Path]) -> None:
     b = load_dataset(DataConfig(name="fashion-mnist"))
     assert (len(b.train), len(b.test)) == (12, 4) and b.source == str(folder)
     assert b.class_names[9] == "Ankle boot" and int(b.train.tensors[0].min()) == 255
+
+
+def test_user_data_root_is_searched_before_the_system_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert locate_mod.user_data_root() == tmp_path / "xdg" / "edgetune" / "datasets"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert locate_mod.user_data_root() == Path.home() / ".local/share/edgetune/datasets"
+    assert locate_mod.SYSTEM_ROOTS[-1] == Path("/usr/share/datasets") and len(locate_mod.SYSTEM_ROOTS) == 2
+
+
+def test_find_folder_reports_what_each_folder_lacks(roots: dict[str, Path]) -> None:
+    (roots["env"] / "tree" / "data" / "a").mkdir(parents=True)
+    with pytest.raises(DataError) as info:
+        locate_mod.find_folder("tree", None, ["data/a", "data/b"], how_to_get="Run make data.")
+    msg = str(info.value)
+    assert f"{roots['env'] / 'tree'} ($EDGETUNE_DATA, lacks data/b)" in msg and msg.endswith("Run make data.")
+    (roots["system"] / "tree" / "data" / "b").mkdir(parents=True)
+    (roots["system"] / "tree" / "data" / "a").mkdir(parents=True)
+    assert locate_mod.find_folder("tree", None, ["data/a", "data/b"]) == roots["system"] / "tree"

@@ -114,3 +114,11 @@ def test_real_brown_tokenized(bert, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = b.train.columns["input_ids"]
     assert ids.shape == (300, 64)  # 100-word chunks exceed 64 tokens: every row is truncated
     assert int(b.train.columns["attention_mask"].sum()) == 300 * 64
+
+
+def test_long_texts_tokenize_as_if_whole(bert) -> None:
+    long = "the cat sat on a mat " * 400  # 8400 characters, cut to 16 * max_length before tokenizing
+    ds = TextDataset([long, "dogs"], torch.tensor([0, 1]))
+    ours = tokenize_split(ds, bert, max_length=32).columns["input_ids"]
+    whole = bert([long, "dogs"], truncation=True, max_length=32, padding="longest", return_tensors="pt")
+    assert torch.equal(ours, whole["input_ids"])
