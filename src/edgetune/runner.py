@@ -176,7 +176,6 @@ def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: 
     ctx = SectionContext(total_steps=total, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs, device=device,
                          seed=cfg.seed, run_dir=stage_dir, sample_inputs=_inputs_sampler(bundle, transform, device))
     callbacks = _apply_sections(model, cfg, ctx)
-    params = trainable_report(model)
     entry = STEPS.entry(cfg.step)
     step_ctx = StepContext(loaded=loaded, data=bundle, cfg=cfg, device=device, run_dir=stage_dir, task=task,
                            transform=transform, callbacks=callbacks, resume=resume,
@@ -190,8 +189,8 @@ def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: 
         atomic_write_json(stage_dir / MODEL_INFO, {
             "spec": {"input_shape": list(spec.input_shape), "num_classes": spec.num_classes, "task": spec.task},
             "task": task, "head": loaded.head, "source": loaded.source})
+        summary.update(trainable_report(model))  # after the step: methods may change sizes during training
         summary.update(_measure(loaded, bundle, transform, task, device, weights))
-        summary.update(params)
         from edgetune.measure import environment
 
         summary.update({

@@ -34,7 +34,7 @@ def test_method_learns_digits_at_10_percent(method, tmp_path):
     # the saved model holds exactly the sparse links
     from edgetune.runner import load_run_model
 
-    model, _, _ = load_run_model(res.run_dir)
+    model = load_run_model(res.run_dir).model
     for _, layer in sparse_layers(model):
         assert layer.nnz() == link_count(layer.out_features, layer.in_features, 0.1)
     assert torch.isfinite(torch.cat([p.detach().reshape(-1) for p in model.parameters()])).all()

@@ -286,7 +286,7 @@ def test_export_run_on_tiny_sparse_run(tmp_path) -> None:
     from edgetune.core.config import load_yaml, validate
     from edgetune.core.sections import SECTIONS
     from edgetune.recipe import recipe_schema
-    from edgetune.runner import run
+    from edgetune.runner import load_run_model, run
     from edgetune.sparse.export import export_run
 
     if "sparse" not in SECTIONS.names():
@@ -299,7 +299,7 @@ def test_export_run_on_tiny_sparse_run(tmp_path) -> None:
     data["sparse"] = {"method": "set", "density": 0.05}
     run_dir = tmp_path / "run"
     run(validate(recipe_schema(), data), run_dir, write_report=False, command="test")
-    report = export_run(run_dir, latency_repeats=2)
+    report = export_run(load_run_model(run_dir, with_data=True), run_dir, latency_repeats=2)
     out = run_dir / "export"
     assert json.loads((out / "export_report.json").read_text()) == report
     assert report["compacted"] and report["widths_before"] == [128, 64]
