@@ -39,5 +39,6 @@ def _apply_sparse(model: nn.Module, cfg: SparseConfig, ctx: SectionContext) -> l
     import torch
 
     seed = cfg.seed if cfg.seed is not None else ctx.seed
-    sparsify_(model, cfg, generator=torch.Generator().manual_seed(seed), train_inputs=ctx.train_inputs)
+    inputs = ctx.sample_inputs() if (cfg.topology == "csti" and ctx.sample_inputs is not None) else None
+    sparsify_(model, cfg, generator=torch.Generator().manual_seed(seed), train_inputs=inputs)
     return [SparseEngine(model, cfg, seed=seed)]
