@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgetune.core.errors import ConfigError, DataError
-from edgetune.models.pretrained import PRETRAINED, load_pretrained, pretrained_status
-from edgetune.models.pretrained import catalog
+from edgetune.models.pretrained import PRETRAINED, catalog, load_pretrained, pretrained_status
 from edgetune.models.pretrained.checksum import sha256_of
 
 NAMES = ["minilm", "mobilenet-v2", "smollm2-135m"]
@@ -77,7 +76,9 @@ def _tampered_copy(tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize("name", ["mobilenet-v2", "minilm"])
-def test_checksum_mismatch_on_tampered_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_checksum_mismatch_on_tampered_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     copy = _tampered_copy(tmp_path, name)
     monkeypatch.setattr(catalog, "locate", lambda spec: copy)
     actual = hashlib.sha256(copy.read_bytes()).hexdigest()

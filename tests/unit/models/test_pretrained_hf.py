@@ -18,15 +18,20 @@ from edgetune.models.pretrained.hf import FeatureClassifier, load_hf
 
 transformers = pytest.importorskip("transformers")
 
-WORDS = "the cat sat on mat a dog ran in park".split()
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "in", "park"]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 SENTENCES = ["the cat sat on the mat", "a dog ran"]
 
 
 def _bert_config(**kw: Any) -> Any:
     return transformers.BertConfig(
-        vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32, **kw,
+        vocab_size=len(VOCAB),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        **kw,
     )
 
 
@@ -52,8 +57,13 @@ def bert_dir(tmp_path: Path) -> Path:
 def llama_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "tiny-llama"
     cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
     return folder
@@ -80,7 +90,9 @@ def test_classification_new_head(bert_dir: Path, no_network: None) -> None:
     assert isinstance(loaded.model.get_submodule("head"), nn.Linear)
     assert loaded.model.head.in_features == 16 and loaded.model.head.out_features == 3
     b = _batch(loaded.tokenizer)
-    assert b["input_ids"][0].tolist()[1:4] == [VOCAB.index(w) for w in ("the", "cat", "sat")]  # real tokenizer
+    assert b["input_ids"][0].tolist()[1:4] == [
+        VOCAB.index(w) for w in ("the", "cat", "sat")
+    ]  # real tokenizer
     with torch.no_grad():
         logits = loaded.model(**b)
         # mean pooling ignores padding: the short sentence alone gives the same logits
@@ -144,8 +156,9 @@ def test_causal_lm(llama_dir: Path, no_network: None) -> None:
     assert loaded.model.model.embed_tokens.weight.grad is not None
 
 
-def test_missing_name_errors_without_network(tmp_path: Path, no_network: None,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_name_errors_without_network(
+    tmp_path: Path, no_network: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(DataError) as err:
         load_hf("edgetune-tests/no-such-model", task="classification", num_classes=2)

@@ -32,9 +32,15 @@ def _hf_ready() -> bool:
     return True
 
 
-needs_mobilenet = pytest.mark.skipif(not _installed("mobilenet-v2"), reason="run `make models` (mobilenet-v2)")
-needs_minilm = pytest.mark.skipif(not (_installed("minilm") and _hf_ready()), reason="run `make models` (minilm)")
-needs_smollm2 = pytest.mark.skipif(not (_installed("smollm2-135m") and _hf_ready()), reason="run `make models`")
+needs_mobilenet = pytest.mark.skipif(
+    not _installed("mobilenet-v2"), reason="run `make models` (mobilenet-v2)"
+)
+needs_minilm = pytest.mark.skipif(
+    not (_installed("minilm") and _hf_ready()), reason="run `make models` (minilm)"
+)
+needs_smollm2 = pytest.mark.skipif(
+    not (_installed("smollm2-135m") and _hf_ready()), reason="run `make models`"
+)
 
 
 # --- image transform ----------------------------------------------------------------------------------------
@@ -151,7 +157,11 @@ def test_mobilenet_predicts_sample_photos() -> None:
 def test_minilm_similar_sentences_are_closer() -> None:
     loaded = load_pretrained("minilm")
     assert loaded.task == "features" and loaded.tokenizer is not None
-    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
+    sentences = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The stock market fell sharply today.",
+    ]
     enc = loaded.tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
         emb = loaded.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
@@ -194,11 +204,18 @@ def test_smollm2_answers_paris(smollm2_cache: Path) -> None:
     assert cached < cold / 5, (cold, cached)  # the float32 copy is reused, not converted again
     tok = again.tokenizer
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
     with torch.no_grad():
-        out = again.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                   pad_token_id=tok.pad_token_id)
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = again.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer

@@ -110,7 +110,9 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["truncated_pt", "truncated_safetensors", "garbage", "missing", "not_a_dict"])
+@pytest.mark.parametrize(
+    "kind", ["truncated_pt", "truncated_safetensors", "garbage", "missing", "not_a_dict"]
+)
 def test_unreadable_files_give_one_message(tmp_path: Path, kind: str) -> None:
     path = tmp_path / ("w.safetensors" if "safetensors" in kind else "w.pt")
     if kind == "truncated_pt":

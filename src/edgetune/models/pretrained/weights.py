@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +106,7 @@ def _read_torch(p: Path) -> Any:
             "plain state dict (torch.save(model.state_dict(), path)) or as safetensors, from a Python session "
             "you trust."
         ) from exc
-    except Exception as exc:  # noqa: BLE001  (a damaged pickle fails in many ways; all mean the same here)
+    except Exception as exc:
         raise CheckpointError(
             f"could not read {p} as a torch or safetensors weight file ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). The file is truncated, corrupt or "
@@ -121,7 +121,7 @@ def _names(keys: list[str]) -> str:
 
 def load_weights_into(
     model: nn.Module,
-    path_or_state: Union[str, os.PathLike[str], Mapping[str, Tensor]],
+    path_or_state: str | os.PathLike[str] | Mapping[str, Tensor],
     *,
     strict: bool = True,
 ) -> nn.Module:
@@ -152,12 +152,16 @@ def load_weights_into(
         problems.append(f"{len(unexpected)} tensors in the file are not in the model: {_names(unexpected)}")
     if problems:
         raise CheckpointError(
-            f"the weights in {where} do not fit {type(model).__name__}: " + "; ".join(problems) + ". Check that "
+            f"the weights in {where} do not fit {type(model).__name__}: "
+            + "; ".join(problems)
+            + ". Check that "
             "the model options (architecture, widths, number of classes) are those the weights were trained "
             "with; to load a backbone into a model with a new head, load with strict=False (missing/unexpected "
             "names are then skipped, but shapes must still match)."
         )
     if missing or unexpected:
-        log.info("loading %s non-strictly: %d missing, %d unexpected tensors", where, len(missing), len(unexpected))
+        log.info(
+            "loading %s non-strictly: %d missing, %d unexpected tensors", where, len(missing), len(unexpected)
+        )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model
