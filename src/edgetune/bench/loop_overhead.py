@@ -117,8 +117,8 @@ def _as_list(v: Any) -> list[Any]:
 )
 def _loop_overhead(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     from edgetune.core.seed import seed_everything
-    from edgetune.models.base import ModelSpec, build_model
     from edgetune.measure import count_parameters
+    from edgetune.models.base import ModelSpec, build_model
 
     threads = int(ctx.option("threads", torch.get_num_threads()))
     cases = QUICK_CASES if ctx.quick else CASES

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import itertools
 import json
 import logging
 import statistics
@@ -103,7 +104,7 @@ def step_times_s(metrics_path: str | Path, warmup: int = WARMUP_STEPS) -> list[f
     recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     times = [(r["step"], r["time_s"]) for r in recs if r.get("kind") == "train" and "time_s" in r]
     times.sort()
-    per = [t1 - t0 for (s0, t0), (s1, t1) in zip(times, times[1:]) if s1 == s0 + 1]
+    per = [t1 - t0 for (s0, t0), (s1, t1) in itertools.pairwise(times) if s1 == s0 + 1]
     if times and times[0][0] == 1:
         per.insert(0, times[0][1])
     return per[warmup:] if len(per) > warmup else per
@@ -162,7 +163,8 @@ def _run_isolated(recipe: dict[str, Any], variant: dict[str, Any], run_dir: Path
     job, out = run_dir.with_suffix(".job.json"), run_dir.with_suffix(".out.json")
     job.write_text(json.dumps({"recipe": recipe, "variant": variant, "run_dir": str(run_dir), "threads": threads}))
     code = "import sys; from edgetune.bench.pretrained import _child_main; _child_main(sys.argv[1:])"
-    proc = subprocess.run([sys.executable, "-c", code, str(job), str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(job), str(out)], capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"pretrained bench variant {variant['model']}/{variant['variant']} failed in its own "
                            f"process (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -233,8 +235,8 @@ def pretrained_table(csv_path: str | Path) -> str:
     for r in rows:  # later rows win
         latest[(r.get("group", ""), r["model"], r["variant"], r.get("input", ""))] = r
     order = {"probe": 0, "full": 1, "scratch": 2}
-    lines = ["| group | model | variant | data | input | train ex. | steps | batch | lr | test acc | "
-             "step (ms, median) | load (s) | peak RSS (MB) | trainable params | threads | git | date |",
+    lines = [("| group | model | variant | data | input | train ex. | steps | batch | lr | test acc | "
+              "step (ms, median) | load (s) | peak RSS (MB) | trainable params | threads | git | date |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (_g, _m, _v, _i), r in sorted(latest.items(), key=lambda kv: (kv[0][0], order.get(kv[0][2], 9))):
         lines.append(
