@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -221,10 +222,11 @@ class MethodStepper:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> MethodStepper:
+    def __enter__(self) -> MethodStepper:  # noqa: PYI034 (no typing.Self before Python 3.11)
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:  # an interrupted fit does not end; just stop hooking the model and optimizer
