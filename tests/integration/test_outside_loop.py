@@ -304,12 +304,18 @@ FFN = [r"re:layer\.\d+\.(intermediate|output)\.dense$"]  # the feed-forward Line
 
 
 @pytest.mark.skipif(not HAS_HF, reason="transformers/accelerate not installed (pip install 'edgetune[hf]')")
-@pytest.mark.parametrize(("method", "extra", "due"), [
-    ("rigl", {"update_interval": 10}, [10, 20, 30, 40]),  # every 10 steps until 75% of 64 steps
-    ("chts", {}, [16, 32, 48]),  # once per epoch (512 / 32 = 16 steps, from the Trainer's dataloader)
+@pytest.mark.parametrize(("method", "extra", "due", "events"), [
+    ("rigl", {"update_interval": 10}, [10, 20, 30, 40], True),  # every 10 steps until 75% of 64 steps
+    ("chts", {}, [16, 32, 48], True),  # once per epoch (512 / 32 = 16 steps, from the Trainer's dataloader)
+    # transformers before on_pre_optimizer_step/on_optimizer_step: optimizer pre-hook + on_step_end instead
+    ("rigl", {"update_interval": 10}, [10, 20, 30, 40], False),
 ])
-def test_hf_trainer_tiny_bert_sparse(tmp_path, method, extra, due):
+def test_hf_trainer_tiny_bert_sparse(tmp_path, monkeypatch, caplog, method, extra, due, events):
     from transformers import BertConfig, BertForSequenceClassification
+
+    from edgetune.integrations import hf_trainer
+
+    monkeypatch.setattr(hf_trainer, "_HAS_OPTIMIZER_EVENTS", events)
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -327,6 +333,7 @@ def test_hf_trainer_tiny_bert_sparse(tmp_path, method, extra, due):
 
     steps = trainer.state.max_steps
     assert steps == 64 and len(probe.skipped) == steps
+    assert "disagrees" not in caplog.text  # the adapter's step count followed the Trainer's global_step
     assert engine.updates == len(due) and callback.metrics()["sparse_updates"] == len(due)
     assert [i + 1 for i, s in enumerate(probe.skipped) if s] == due  # both skip their update steps...
     assert len(probe.frozen_on_skip) == len(due) and all(probe.frozen_on_skip)  # ...leaving dense weights alone
