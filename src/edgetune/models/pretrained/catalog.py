@@ -203,10 +203,11 @@ def _load_mobilenet(
     num_classes: int | None,
     image_size: int | None,
     channels: int | None = 3,
+    init: str = "imagenet",
 ) -> LoadedModel:
     from edgetune.models.pretrained.mobilenet_v2 import load_mobilenet_v2
 
-    return load_mobilenet_v2(path, num_classes=num_classes, image_size=image_size, channels=channels)
+    return load_mobilenet_v2(path, num_classes=num_classes, image_size=image_size, channels=channels, init=init)
 
 
 def _load_minilm(
@@ -245,7 +246,7 @@ _add(
         tasks=("classification",),
         loader=_load_mobilenet,
         image=True,
-        options=("channels",),
+        options=("channels", "init"),
     )
 )
 _add(

@@ -116,8 +116,11 @@ def load_mobilenet_v2(
     num_classes: int | None = None,
     image_size: int | None = None,
     channels: int | None = 3,
+    init: str = "imagenet",
 ) -> LoadedModel:
     """ImageNet MobileNetV2 from a torchvision-layout state dict at ``path`` (loaded strictly).
+
+    ``init="random"`` skips the weights: the same network and preprocessing trained from scratch (a baseline).
 
     num_classes None or 1000 keeps ImageNet's head; any other value replaces ``classifier.1`` by a fresh
     ``Linear(1280, num_classes)`` drawn from the global torch RNG (seed it first). The transform scales
@@ -125,8 +128,15 @@ def load_mobilenet_v2(
     ImageNet's mean/std.
     """
     model = MobileNetV2()
-    load_weights_into(model, path, strict=True)
     notes: list[str] = []
+    if init == "imagenet":
+        load_weights_into(model, path, strict=True)
+    elif init == "random":
+        notes.append("random initialisation: ImageNet weights not loaded (from-scratch baseline)")
+    else:
+        from edgetune.core.errors import ConfigError
+
+        raise ConfigError(f"model.init={init!r} for mobilenet-v2; use imagenet (pretrained) or random (from scratch)")
     if num_classes is not None and num_classes != 1000:
         model.classifier[1] = nn.Linear(model.num_features, num_classes)
         nn.init.normal_(model.classifier[1].weight, 0.0, 0.01)
