@@ -133,6 +133,7 @@ class Trainer:
         self.session_start = 0  # global step at which the current session began
         self.sessions_done: list[dict[str, Any]] = []  # summaries of finished sessions (restored on resume)
         self._calls = 0  # fit calls made in this process
+        self._started = False  # on_fit_start fired
         self._resume_session = -1  # session a loaded checkpoint was taken in, until its position is restored
         self._session_max_steps = cfg.max_steps
         self._set_session_data(train, cfg.epochs, cfg.max_steps)
@@ -382,8 +383,9 @@ class Trainer:
         st.steps_per_epoch = self.steps_per_epoch
         st.session_start = self.session_start
         self.ddp_model.train()
-        if self.session == 0:
+        if not self._started:  # once per process: the first session it trains (a resumed run may skip earlier ones)
             self._hook("on_fit_start")
+            self._started = True
         self._hook("on_session_start")
         bar = tqdm(total=self.session_steps, initial=st.step - self.session_start,
                    disable=not (cfg.progress and self.dist.is_main), desc=f"train{f' s{self.session}' if self.session else ''}",

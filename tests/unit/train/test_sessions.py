@@ -176,12 +176,7 @@ def test_resume_replays_sessions_and_matches_uninterrupted_run(tmp_path, crash_a
     assert rec.hooks()[-1] == "fit_end"
 
 
-@pytest.mark.parametrize("ckpt_session", [
-    0,
-    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason="loop.py _fit_session fires on_fit_start only when "
-                                            "self.session == 0; a process resumed into session 1 skips session 0 "
-                                            "(fit returns its recorded summary) so on_fit_start never fires")),
-])
+@pytest.mark.parametrize("ckpt_session", [0, 1])
 def test_resumed_process_fires_on_fit_start_once(tmp_path, ckpt_session):
     """Every process that trains gets on_fit_start once (methods set themselves up there), whichever session its
     checkpoint was taken in."""
