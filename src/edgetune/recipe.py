@@ -74,7 +74,8 @@ class ModelSection(Config):
             given.insert(0, "name")
         if len(given) > 1:
             raise ValueError(f"give one model source, not {' and '.join(given)} (name: an architecture or "
-                             "pretrained network; from: a run folder or stage:NAME; hf: a Hugging Face folder)")
+                             "pretrained network; from: a run folder or stage:NAME; hf: a Hugging Face folder); "
+                             "write a recipe whose model section holds only that source, e.g. model: {hf: FOLDER}")
         if self.weights and given:
             raise ValueError("weights go with a registered architecture (model.name); model.from and model.hf "
                              "bring their own weights")
