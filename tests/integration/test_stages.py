@@ -116,7 +116,7 @@ def test_each_stage_is_a_complete_run_folder(three_stages):
 
 
 def test_report_compares_the_stages(three_stages):
-    run, res = three_stages
+    run, _ = three_stages
     report = (run / "report.md").read_text()
     assert "## Stages compared" in report
     table = report.split("## Stages compared", 1)[1].split("\n## ", 1)[0]

@@ -77,7 +77,7 @@ class Counting:
 
 def test_transform_runs_on_every_train_and_eval_batch():
     train, test = marked_texts(96, 0), marked_texts(70, 1)
-    shifted = lambda d: DictDataset({**d.columns, "input_ids": d.columns["input_ids"] + 1000})  # noqa: E731
+    shifted = lambda d: DictDataset({**d.columns, "input_ids": d.columns["input_ids"] + 1000})
     model = tiny_bert()
     tf = Counting(1000)
     tf.model = model
@@ -107,7 +107,7 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def test_uint8_images_with_tofloat_train_exactly_like_float_images():
     tr8, te8 = images(160, 0), images(64, 1)
-    as_float = lambda d: TensorDataset(d.tensors[0].to(torch.float32) / 255.0, d.tensors[1])  # noqa: E731
+    as_float = lambda d: TensorDataset(d.tensors[0].to(torch.float32) / 255.0, d.tensors[1])
     c = cfg(epochs=10, optimizer={"name": "adam", "lr": 0.01})
     a = Trainer(mlp(), as_float(tr8), c, test=as_float(te8), seed=5)
     ra = a.fit()

@@ -171,7 +171,7 @@ def test_seq2seq_equals_naive_loop_and_calls_with_src_and_tgt_in():
     task = get_task("seq2seq")
     model = Fixed(logits)
     out = task.step(model, [src, tgt_in, tgt_out])
-    (args, kwargs), = model.calls
+    (args, _kwargs), = model.calls
     assert len(args) == 2 and args[0] is src and args[1] is tgt_in
     rows = [(logits[b, t], int(tgt_out[b, t])) for b in range(2) for t in range(5)]  # no shift
     m = check(out, task, *naive_ce(rows))
