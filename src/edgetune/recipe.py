@@ -240,6 +240,9 @@ def check_stage(cfg: RunConfig, where: str = "") -> None:
         if cfg.data.fallback:
             DATASETS.entry(cfg.data.fallback)
         m = cfg.model
+        if m.source_kind == "run" and not Path(m.from_).is_dir():
+            raise ConfigError(f"model.from={m.from_!r} does not exist or is not a folder; give the run folder `edgetune run` wrote "
+                              "(see its report.md), or stage:NAME for an earlier stage of this recipe")
         if m.source_kind == "name" and m.name not in _pretrained_names():
             entry = MODELS.entry(m.name)
             if entry.config is not None:

@@ -52,12 +52,14 @@ class RunResult:
 
 
 class LoadedRun(NamedTuple):
-    """A finished run's model rebuilt from its folder, its recipe, its data, and the loaded model's extras."""
+    """A finished run's model rebuilt from its folder, its recipe, its data, the loaded model's extras, and the
+    folder it came from (a staged run's last finished stage)."""
 
     model: torch.nn.Module
     cfg: RunConfig
     bundle: DataBundle | None
     loaded: LoadedModel
+    run_dir: Path
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -116,7 +118,13 @@ def _inputs_sampler(bundle: DataBundle, transform: Any, device: torch.device):
 
 def _measure(loaded: LoadedModel, bundle: DataBundle, transform: Any, task: str, device: torch.device,
              weights: Path) -> dict[str, Any]:
-    from edgetune.measure import bytes_on_disk, count_nonzeros, count_parameters, measure_latency, peak_rss_bytes
+    from edgetune.measure import (
+        bytes_on_disk,
+        count_nonzeros,
+        count_parameters,
+        measure_latency,
+        peak_rss_bytes,
+    )
     from edgetune.train.tasks import get_task
 
     model = loaded.model
@@ -225,7 +233,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     if not cfg.stages:
         summary, _ = run_stage(cfg, run_dir, resume=resume)
     else:
-        summary = _run_stages(cfg, stages, run_dir, resume=resume, t0=t0)
+        summary = _run_stages(cfg, stages, run_dir, resume=resume, t0=t0, command=command)
     report = None
     if rank == 0 and write_report:
         from edgetune.report import write_report as _write
@@ -239,7 +247,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
 
 
 def _run_stages(cfg: RunConfig, stages: list[tuple[str, RunConfig]], run_dir: Path, *, resume: bool,
-                t0: float) -> dict[str, Any]:
+                t0: float, command: str | None = None) -> dict[str, Any]:
     rank = _rank()
     models: dict[str, Any] = {}
     summaries: dict[str, dict[str, Any]] = {}
@@ -253,7 +261,7 @@ def _run_stages(cfg: RunConfig, stages: list[tuple[str, RunConfig]], run_dir: Pa
             continue
         log.info("stage %s: %s", name, scfg.step)
         if rank == 0:
-            _write_start(sdir, scfg, None, resume and sdir.exists())
+            _write_start(sdir, scfg, command, resume and sdir.exists())
         summary, loaded = run_stage(scfg, sdir, resume=resume and sdir.exists(), stages=models, stage=name)
         summaries[name] = summary
         models[name] = lambda loaded=loaded: loaded
@@ -306,8 +314,18 @@ def load_run_model(run_dir: str | Path, device: str = "cpu", *, with_data: bool 
 
     A staged run folder gives its last finished stage. Returns the model in eval mode, the recipe, the dataset
     (loaded when the folder predates ``model.json`` or ``with_data`` is True) and the :class:`LoadedModel`.
+    The caller's random state is left as it was (rebuilding draws initial weights that the file then replaces).
     """
-    run_dir = Path(run_dir)
+    from edgetune.core.seed import rng_state, set_rng_state
+
+    saved = rng_state()
+    try:
+        return _load_run_model(Path(run_dir), device, with_data)
+    finally:
+        set_rng_state(saved)
+
+
+def _load_run_model(run_dir: Path, device: str, with_data: bool | None) -> LoadedRun:
     if (run_dir / "stages").is_dir() and not (run_dir / "model.safetensors").is_file():
         run_dir = _final_stage_folder(run_dir)
     weights = run_dir / "model.safetensors"
@@ -340,4 +358,4 @@ def load_run_model(run_dir: str | Path, device: str = "cpu", *, with_data: bool 
         raise CheckpointError(f"{weights} does not fit the model its config.yaml describes: {err}") from None
     loaded.source = f"run {run_dir}"
     loaded.model.eval()
-    return LoadedRun(loaded.model, cfg, bundle, loaded)
+    return LoadedRun(loaded.model, cfg, bundle, loaded, run_dir)

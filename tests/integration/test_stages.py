@@ -191,10 +191,7 @@ def test_bad_stage_input_exits_2_from_edgetune_run(tmp_path):
 # crash after stage 2's checkpoint at step 10, or before it wrote any (the stage then restarts from its start)
 @pytest.mark.parametrize("crash_at", [
     15,
-    pytest.param(5, marks=pytest.mark.xfail(strict=True, reason=(
-        "runner.py: a restarted stage gets its source model from _lazy_stage_model -> load_run_model, which calls "
-        "seed_everything and builds+inits a model AFTER run_stage seeded the RNG, so the global RNG (dropout) differs "
-        "from the uninterrupted run, where stage:base came from memory"))),
+    5,
 ])
 def test_resume_keeps_finished_stages_byte_identical_and_finishes_the_interrupted_one(tmp_path, crash_at):
     two = [staged(tmp_path)["stages"][0],

@@ -105,9 +105,6 @@ def test_ls_models_lists_architectures_and_pretrained_networks(capsys):
         assert "installed" in line
 
 
-@pytest.mark.xfail(strict=True, reason="cli/commands.py _export passes the top-level RUN_DIR to the export format while "
-                   "load_run_model resolved the last stage's folder; sparse export_run then reads "
-                   "RUN_DIR/model.safetensors, which a staged run does not have (exit 1)")
 def test_export_of_a_staged_run_exports_its_last_stage(tmp_path, capsys):
     cfg = load_recipe({"name": "s", "seed": 0, "output_dir": str(tmp_path), "data": {"name": "digits"},
                        "model": {"name": "mlp", "widths": [32]},

@@ -77,9 +77,6 @@ def _ls(args: argparse.Namespace) -> int:
     from edgetune.recipe import list_recipes, recipe_schema
 
     recipe_schema()  # imports families so their registries fill
-    import edgetune.data._loaders
-    import edgetune.models._builders
-
     from edgetune.core.plugins import load_families
 
     load_families()
@@ -212,7 +209,7 @@ def _export(args: argparse.Namespace) -> int:
             raise ConfigError(f"no export format applies to the run in {args.run_dir} (its recipe uses no method with "
                               f"an export format); pass --format NAME, one of: {known}")
         name = fits[0]
-    rep = EXPORTS.get(name).export(run, Path(args.run_dir), args.out)
+    rep = EXPORTS.get(name).export(run, run.run_dir, args.out)  # a staged run: its last finished stage
     print(f"exported ({name}) to {rep.get('out_dir', args.out)}: {rep.get('message', '')}".rstrip(": "))
     return 0
 

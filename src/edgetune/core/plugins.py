@@ -64,6 +64,6 @@ def load_families() -> tuple[str, ...]:
         try:
             ep.load()
             loaded.append(ep.name)
-        except Exception as err:  # a broken third-party plug-in must not break edgetune
+        except Exception as err:  # noqa: BLE001  (a broken third-party plug-in must not break edgetune)
             log.warning("family plug-in %s could not be loaded: %s", ep.name, err)
     return tuple(loaded)

@@ -14,7 +14,7 @@ resizing, grey to RGB, trimming padding), so data stay compact in memory and the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ __all__ = [
     "to_device",
 ]
 
-Batch = Union[list[Tensor], dict[str, Tensor]]
+Batch = list[Tensor] | dict[str, Tensor]
 BatchTransform = Callable[[Batch], Batch]
 TARGET_KEY = "labels"
 
@@ -67,7 +67,7 @@ class DictDataset:
         return self.columns.get(TARGET_KEY)
 
 
-Split = Union[TensorDataset, DictDataset]
+Split = TensorDataset | DictDataset
 
 
 def split_len(split: Any) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import edgetune.sparse  # noqa: F401  (registers the ``sparse`` recipe section)
+import edgetune.sparse
 import edgetune.sparse.bench  # noqa: F401  (registers the ``sparse`` and ``sparse-quality`` suites)
 from edgetune.core.plugins import EXPORTS, ExportFormat
 

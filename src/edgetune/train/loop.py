@@ -30,7 +30,7 @@ from torch import nn
 from edgetune.core.errors import ConfigError
 from edgetune.core.hooks import Callback, TrainState
 from edgetune.core.seed import rng_state, set_rng_state
-from edgetune.data.batches import Batch, BatchTransform, batch_size_of, take, to_device
+from edgetune.data.batches import Batch, BatchTransform, take, to_device
 from edgetune.train.checkpoint import CheckpointManager, check_fingerprint, model_fingerprint
 from edgetune.train.config import TrainConfig
 from edgetune.train.distributed import DistInfo, barrier, init_distributed, ranks_in_sync

@@ -193,9 +193,6 @@ def test_two_sources_at_once_are_a_config_error(tmp_path, model):
         recipe(tmp_path, model=model)
 
 
-@pytest.mark.xfail(strict=True, reason="load_run_model (runner.py) calls seed_everything(<that run's seed>) and builds a "
-                   "model, so loading model.from=RUN_DIR reseeds the global RNG: what follows (dropout, inits) no longer "
-                   "depends on the new recipe's seed")
 def test_loading_a_run_folder_leaves_the_global_rng_to_the_caller(finished_run):
     folder, _ = finished_run
     draws = []

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from edgetune.bench.harness import BenchContext, register_suite
-from edgetune.sparse.bench.quality_plot import plot_quality_runs, read_curves
 from edgetune.core.state import atomic_write_json
+from edgetune.sparse.bench.quality_plot import plot_quality_runs, read_curves
 
 __all__ = ["ALL_METHODS", "quality_table"]
 
