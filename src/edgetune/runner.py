@@ -146,6 +146,17 @@ def _measure(loaded: LoadedModel, bundle: DataBundle, transform: Any, task: str,
     return out
 
 
+def _family_files(model: torch.nn.Module, cfg: RunConfig, folder: Path) -> list[str]:
+    """Files a family writes in its own format beside model.safetensors (e.g. an adapter's own tensors)."""
+    from edgetune.core.plugins import SAVERS
+
+    files: list[str] = []
+    for name in cfg.section_names():
+        if name in SAVERS:
+            files += [str(Path(f).relative_to(folder)) for f in SAVERS.get(name)(model, cfg.section(name), folder)]
+    return files
+
+
 def _write_start(run_dir: Path, cfg: RunConfig, command: str | None, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "config.yaml", dump_yaml(cfg.to_dict()).encode())
@@ -194,6 +205,7 @@ def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: 
     if rank == 0:
         weights = stage_dir / "model.safetensors"
         save_tensors(model.state_dict(), weights, metadata={"format": "edgetune-model"})
+        summary["family_files"] = _family_files(model, cfg, stage_dir)
         atomic_write_json(stage_dir / MODEL_INFO, {
             "spec": {"input_shape": list(spec.input_shape), "num_classes": spec.num_classes, "task": spec.task},
             "task": task, "head": loaded.head, "source": loaded.source})

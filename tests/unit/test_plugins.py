@@ -8,10 +8,13 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgetune import runner
 from edgetune.cli.main import build_parser, main
-from edgetune.core.plugins import COMMANDS, EXPORTS, load_families
+from edgetune.core.config import Config
+from edgetune.core.plugins import COMMANDS, EXPORTS, SAVERS, load_families
+from edgetune.core.sections import SECTIONS, register_section
 from edgetune.recipe import load_recipe
 
 HELLO: list[str] = []
@@ -113,3 +116,37 @@ def test_export_of_a_staged_run_exports_its_last_stage(tmp_path, capsys):
     run = runner.run(cfg, tmp_path / "run", write_report=False).run_dir
     assert main(["-q", "export", str(run)]) == 0, capsys.readouterr().err
     assert "exported (sparse-compact)" in capsys.readouterr().out
+
+
+class _HeadOnlyCfg(Config):
+    pass
+
+
+if "zz_plugins_headonly" not in SECTIONS:
+    @register_section("zz_plugins_headonly", config=_HeadOnlyCfg, summary="test only: a family that saves its own tensors")
+    def _headonly(model, cfg, ctx):
+        return []
+
+    def _save_head(model, cfg, folder):
+        from safetensors.torch import save_file
+
+        path = folder / "head-only.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("head.")}, str(path))
+        return [path]
+
+    SAVERS.add("zz_plugins_headonly", _save_head, summary="test only")
+
+
+def test_a_family_save_format_writes_its_own_tensors_beside_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from edgetune.runner import run
+
+    cfg = load_recipe({"name": "h", "seed": 0, "output_dir": str(tmp_path), "data": {"name": "digits"},
+                       "model": {"name": "mlp", "widths": [16]},
+                       "train": {"epochs": 1, "progress": False}, "zz_plugins_headonly": {}})
+    res = run(cfg, tmp_path / "run", write_report=False, command="test")
+    assert res.summary["family_files"] == ["head-only.safetensors"]
+    own = load_file(str(tmp_path / "run" / "head-only.safetensors"))
+    full = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert set(own) == {"head.weight", "head.bias"} and torch.equal(own["head.weight"], full["head.weight"])
