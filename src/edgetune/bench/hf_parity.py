@@ -23,7 +23,8 @@ Matched on purpose:
 Not matched: the HF side also runs its own per-step bookkeeping (accelerate's wrapper, ``TrainerState``,
 logging every step, callbacks) and edgetune its own (task sums, hooks, log every step): that is what the time
 per step compares. The HF Trainer gets ``EdgetuneTrainerCallback`` with one no-op edgetune callback (the
-adapter rejects an empty list) so the adapter's per-step cost is included.
+adapter rejects an empty list) so the adapter's per-step cost is included. The two sides run one after the other (which one first alternates between
+dropout modes, column ``ran_first``), so on a shared machine their times differ by the load of the moment too.
 """
 
 from __future__ import annotations
@@ -238,11 +239,16 @@ def _hf_parity(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         base = copy.deepcopy(loaded.model)
         if mode == "off":
             _no_dropout_(base)
-        et_loss, et_lr, et_t = _edgetune_side(copy.deepcopy(base), bundle.train, bundle.transform, batch, steps, lr,
-                                              ctx.seed, threads)
-        with tempfile.TemporaryDirectory(prefix="edgetune-hf-parity-") as tmp:
-            hf_loss, hf_lr, hf_t, adapter = _hf_side(copy.deepcopy(base), bundle.train, bundle.transform, batch,
-                                                     steps, lr, ctx.seed, threads, Path(tmp))
+        hf_first = modes.index(mode) % 2 == 1  # alternate which side runs first
+        sides = ("hf", "edgetune") if hf_first else ("edgetune", "hf")
+        for side in sides:
+            if side == "edgetune":
+                et_loss, et_lr, et_t = _edgetune_side(copy.deepcopy(base), bundle.train, bundle.transform, batch,
+                                                      steps, lr, ctx.seed, threads)
+            else:
+                with tempfile.TemporaryDirectory(prefix="edgetune-hf-parity-") as tmp:
+                    hf_loss, hf_lr, hf_t, adapter = _hf_side(copy.deepcopy(base), bundle.train, bundle.transform,
+                                                             batch, steps, lr, ctx.seed, threads, Path(tmp))
         n = min(len(et_loss), len(hf_loss))
         if n != steps or len(hf_loss) != len(et_loss):
             log.warning("hf-parity: %d edgetune and %d HF losses for %d steps", len(et_loss), len(hf_loss), steps)
@@ -262,7 +268,7 @@ def _hf_parity(ctx: BenchContext) -> Iterable[dict[str, Any]]:
                "mean_abs_loss_diff": statistics.fmean(diffs) if diffs else None,
                "final_loss_edgetune": et_loss[-1] if et_loss else None, "final_loss_hf": hf_loss[-1] if hf_loss else None,
                "max_abs_lr_diff": lr_diff, "edgetune_step_ms_median": et_step * 1e3, "hf_step_ms_median": hf_step * 1e3,
-               "hf_over_edgetune_time": hf_step / et_step, "hf_callback": adapter, "torch_threads": threads,
+               "hf_over_edgetune_time": hf_step / et_step, "ran_first": sides[0], "hf_callback": adapter, "torch_threads": threads,
                "transformers": _tf_version()}
     if curves:
         curves_dir.mkdir(parents=True, exist_ok=True)
