@@ -13,6 +13,7 @@ Loader-specific options live under ``data.options`` and are validated by the loa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DATASETS", "DataBundle", "DataConfig", "load_dataset", "loader_options", "register_dataset"]
 
+log = logging.getLogger(__name__)
+
 Task = Literal["classification", "lm", "seq2seq"]
 DataSplit = Union[TensorDataset, DictDataset, "TextDataset"]
 
@@ -38,8 +41,11 @@ class DataConfig(Config):
     """Which dataset to load and how.
 
     name: registered dataset name (``edgetune ls datasets``).
-    path: folder (or file) holding the data; searched before ``$EDGETUNE_DATA`` and system paths.
-    fallback: dataset to use, with a warning in the log and report, when ``name`` is not found.
+    path: folder (or file) holding the data. When set, the data is read from there or the run stops with
+        an error naming it; it is never replaced by ``$EDGETUNE_DATA``, an installed copy or ``fallback``.
+    fallback: dataset to use, with a note in the log and report, only when ``name`` is not installed at
+        all and no location was given for it (no ``path``, nothing of it under ``$EDGETUNE_DATA``). Files
+        that are there but truncated, damaged or incomplete are an error, never a reason to fall back.
     val_fraction: fraction of the training split held out (stratified by class, seeded) as validation.
     limit_train / limit_test: keep only the first N examples (after a seeded shuffle) for quick runs.
     seed: seed of the shuffles and of generated datasets.
@@ -106,24 +112,43 @@ def loader_options(cfg: DataConfig, config_cls: type[Config]) -> Any:
 
 
 def load_dataset(cfg: DataConfig) -> DataBundle:
-    """Load ``cfg.name``; on :class:`DataError` fall back to ``cfg.fallback`` when one is set."""
-    import logging
+    """Load ``cfg.name``; use ``cfg.fallback`` only when the dataset is not installed and no location was given.
 
+    The fallback applies to :class:`~edgetune.data.locate.DatasetNotInstalled` alone (see
+    :mod:`edgetune.data.locate`): a ``data.path`` or ``$EDGETUNE_DATA`` copy that is wrong, and files that
+    are present but truncated or mismatched, raise :class:`DataError` whatever ``fallback`` says. The
+    bundle's ``notes`` start with a sentence saying the fallback was used.
+    """
     from edgetune.data import _loaders  # noqa: F401  (registers the built-in loaders)
+    from edgetune.data.locate import DatasetNotInstalled
 
-    log = logging.getLogger(__name__)
     entry = DATASETS.entry(cfg.name)
     if entry.config is not None:
         loader_options(cfg, entry.config)  # fail early on bad options, before any I/O
     try:
         return entry.obj(cfg)
-    except DataError as err:
-        if not cfg.fallback:
+    except DatasetNotInstalled as err:
+        if cfg.path:
             raise
-        note = f"dataset {cfg.name!r} not available, using fallback {cfg.fallback!r} instead. ({err})"
+        if not cfg.fallback:
+            raise DatasetNotInstalled(
+                f"{err} To run anyway on another dataset, set data.fallback=NAME (e.g. digits; see "
+                "`edgetune ls datasets`)."
+            ) from None
+        note = (
+            f"dataset {cfg.name!r} is not installed, using fallback {cfg.fallback!r} instead (data.fallback); "
+            f"results are for {cfg.fallback!r}, not {cfg.name!r}. ({err})"
+        )
         log.warning(note)
         bundle = load_dataset(
             cfg.model_copy(update={"name": cfg.fallback, "fallback": None, "path": None, "options": {}})
         )
         bundle.notes.insert(0, note)
         return bundle
+    except DataError as err:
+        if not cfg.fallback:
+            raise
+        raise DataError(
+            f"{err} (data.fallback={cfg.fallback!r} was not used: it stands in only for a dataset that is not "
+            "installed at all when no data.path is given, never for files that are there but wrong.)"
+        ) from None

@@ -3,7 +3,9 @@ CIFAR-10/100 (python pickle batches), and scikit-learn's bundled 8x8 digits (off
 
 Every loader keeps uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)`` in memory and sets the bundle's
 ``transform`` to :class:`~edgetune.data.transforms.ToFloat`, which turns each batch into float32 in [0, 1]
-on the device (digits: 0..16 divided by 16). The folders are found by :func:`edgetune.data.locate.find_dataset` (``data.path``, ``$EDGETUNE_DATA``, /usr/share/datasets).
+on the device (digits: 0..16 divided by 16). The folders are found by
+:func:`edgetune.data.locate.find_dataset` (``data.path``, ``$EDGETUNE_DATA``, /usr/share/datasets; a
+``data.path`` given is used or refused, never replaced).
 """
 
 from __future__ import annotations
@@ -95,8 +97,7 @@ def load_fashion_mnist(cfg: DataConfig) -> DataBundle:
         "To get it: on Debian/Ubuntu run `apt-get install dataset-fashion-mnist` (installs "
         "/usr/share/datasets/fashion-mnist); otherwise download the four IDX files (train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from "
-        f"github.com/zalandoresearch/fashion-mnist into a folder and {_ENV_HINT.format(name='fashion-mnist')}. "
-        "To run anyway on scikit-learn's bundled digits, set data.fallback=digits."
+        f"github.com/zalandoresearch/fashion-mnist into a folder and {_ENV_HINT.format(name='fashion-mnist')}."
     )
     train, test, src = _load_idx_dataset(cfg, "fashion-mnist", subdirs=("fashion_mnist",), how_to_get=how)
     return make_bundle(
@@ -118,7 +119,7 @@ def load_mnist(cfg: DataConfig) -> DataBundle:
     how = (
         "To get it: download the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from an MNIST mirror into a folder and "
-        f"{_ENV_HINT.format(name='mnist')}. To run anyway on scikit-learn's digits, set data.fallback=digits."
+        f"{_ENV_HINT.format(name='mnist')}."
     )
     train, test, src = _load_idx_dataset(cfg, "mnist", how_to_get=how)
     return make_bundle(

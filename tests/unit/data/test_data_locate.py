@@ -1,8 +1,11 @@
-"""Finding dataset folders: search order, the missing-data message, unknown names and the fallback."""
+"""Finding dataset folders: search order, the missing-data message, unknown names, and the rule that a
+location the user gave (data.path, $EDGETUNE_DATA) is used or refused, never swapped for another location
+or for data.fallback; the fallback stands in only for a dataset not installed at all."""
 
 from __future__ import annotations
 
-import re
+import gzip
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +38,10 @@ def _fill(folder: Path, *names: str) -> Path:
 
 
 def test_missing_message_lists_every_searched_path(roots: dict[str, Path]) -> None:
-    _fill(roots["env"] / "toy", "a.bin")  # incomplete folder: says what it lacks
-    user = roots["tmp"] / "user"
-    with pytest.raises(DataError) as info:
-        locate_mod.find_dataset(
-            "toy", user, FILES, subdirs=("toy-v1",), how_to_get="Get it from the toy shop."
-        )
+    with pytest.raises(locate_mod.DatasetNotInstalled) as info:
+        locate_mod.find_dataset("toy", None, FILES, subdirs=("toy-v1",), how_to_get="Get it from the toy shop.")
     msg = str(info.value)
     expected = [
-        user,
-        user / "toy",
-        user / "toy-v1",
         roots["env"] / "toy",
         roots["env"] / "toy-v1",
         roots["env"],
@@ -54,8 +50,60 @@ def test_missing_message_lists_every_searched_path(roots: dict[str, Path]) -> No
     ]
     positions = [msg.index(f"{p} (") for p in expected]
     assert positions == sorted(positions)  # listed in search order
-    assert f"{roots['env'] / 'toy'} ($EDGETUNE_DATA, lacks b.bin)" in msg
+    assert f"{roots['env']} ($EDGETUNE_DATA, holds none of the files)" in msg
     assert "b.bin[.gz] (or b-alt.bin)" in msg and msg.endswith("Get it from the toy shop.")
+
+
+def test_data_path_is_used_or_refused_never_replaced(roots: dict[str, Path]) -> None:
+    _fill(roots["system"] / "toy", "a.bin", "b.bin")  # a complete installed copy must not stand in
+    _fill(roots["env"] / "toy", "a.bin", "b.bin")
+    user = roots["tmp"] / "user"
+    with pytest.raises(DataError) as info:
+        locate_mod.find_dataset("toy", user, FILES, how_to_get="Get it from the toy shop.")
+    msg = str(info.value)
+    assert not isinstance(info.value, locate_mod.DatasetNotInstalled)
+    assert msg.startswith(f"data.path {str(user)!r} does not exist.") and "never replaced" in msg
+    assert str(roots["system"]) not in msg and str(roots["env"]) not in msg
+    _fill(user, "a.bin")  # there, but holds the wrong files: each folder looked at says what it lacks
+    with pytest.raises(DataError) as info:
+        locate_mod.find_dataset("toy", user, FILES, subdirs=("toy-v1",))
+    msg = str(info.value)
+    assert f"data.path {str(user)!r} does not hold dataset 'toy'" in msg
+    assert f"{user} (data.path, lacks b.bin)" in msg and f"{user / 'toy-v1'} (data.path, no such folder)" in msg
+    assert str(roots["system"]) not in msg
+    with pytest.raises(DataError, match="a file, not a folder"):
+        locate_mod.find_dataset("toy", user / "a.bin", FILES)
+    with pytest.raises(DataError, match="does not exist"):
+        locate_mod.find_folder("toy", roots["tmp"] / "nowhere", ["a.bin"])
+
+
+def test_incomplete_env_copy_is_refused_not_replaced(roots: dict[str, Path]) -> None:
+    _fill(roots["system"] / "toy", "a.bin", "b.bin")
+    _fill(roots["env"] / "toy", "a.bin")
+    with pytest.raises(DataError) as info:
+        locate_mod.find_dataset("toy", None, FILES)
+    msg = str(info.value)
+    assert not isinstance(info.value, locate_mod.DatasetNotInstalled)
+    assert "holds an incomplete copy of dataset 'toy'" in msg and f"{roots['env'] / 'toy'} (lacks b.bin)" in msg
+    (roots["env"] / "toy" / "a.bin").unlink()
+    with pytest.raises(DataError, match="none of the files"):  # an empty folder named after it counts too
+        locate_mod.find_dataset("toy", None, FILES)
+    (roots["env"] / "toy").rmdir()
+    _fill(roots["env"], "b-alt.bin")  # some of its files at the top of $EDGETUNE_DATA: also a copy
+    with pytest.raises(DataError, match=r"incomplete copy.*lacks a\.bin"):
+        locate_mod.find_dataset("toy", None, FILES)
+    (roots["env"] / "b-alt.bin").unlink()  # nothing of it under $EDGETUNE_DATA: the installed copy is used
+    assert locate_mod.find_dataset("toy", None, FILES)["a"] == roots["system"] / "toy" / "a.bin"
+
+
+def test_incomplete_installed_copy_is_an_error_not_missing(roots: dict[str, Path]) -> None:
+    _fill(roots["system"] / "toy", "b.bin")
+    with pytest.raises(DataError) as info:
+        locate_mod.find_dataset("toy", None, FILES, how_to_get="Reinstall from the toy shop.")
+    assert not isinstance(info.value, locate_mod.DatasetNotInstalled)
+    msg = str(info.value)
+    assert f"installed copy of dataset 'toy' is incomplete or damaged: {roots['system'] / 'toy'} (lacks a.bin)" in msg
+    assert msg.endswith("Reinstall from the toy shop.")
 
 
 def test_unset_env_is_reported(roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,10 +139,42 @@ def test_missing_fashion_mnist_falls_back_with_note(roots: dict[str, Path]) -> N
     cfg = DataConfig(name="fashion-mnist", fallback="digits")
     bundle = load_dataset(cfg)
     assert bundle.name == "digits" and bundle.input_shape == (1, 8, 8)
-    assert "not available, using fallback 'digits'" in bundle.notes[0]
+    assert "is not installed, using fallback 'digits' instead" in bundle.notes[0]
     assert "apt-get install dataset-fashion-mnist" in bundle.notes[0]
-    with pytest.raises(DataError, match=re.escape(str(roots["system"] / "fashion-mnist"))):
+    with pytest.raises(locate_mod.DatasetNotInstalled) as info:
         load_dataset(cfg.replace(fallback=None))
+    assert str(roots["system"] / "fashion-mnist") in str(info.value)
+    assert str(info.value).endswith("set data.fallback=NAME (e.g. digits; see `edgetune ls datasets`).")
+
+
+def _write_fmnist(folder: Path, n_train: int = 12, n_test: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte.gz", np.full((n, 28, 28), 255, dtype=np.uint8))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
+    return folder
+
+
+def test_fallback_never_replaces_a_given_path_or_damaged_files(roots: dict[str, Path]) -> None:
+    cfg = DataConfig(name="fashion-mnist", fallback="digits")
+    wrong = _fill(roots["tmp"] / "mine", "notes.txt")
+    with pytest.raises(DataError, match=r"does not hold dataset 'fashion-mnist'.*data\.fallback='digits' was not used"):
+        load_dataset(cfg.replace(path=str(wrong)))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(cfg.replace(path=str(roots["tmp"] / "typo")))
+    folder = _write_fmnist(roots["system"] / "fashion-mnist")  # installed, then cut short
+    blob = folder / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(blob.read_bytes())
+    blob.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(DataError, match=r"is truncated.*data\.fallback='digits' was not used"):
+        load_dataset(cfg)
+    _write_fmnist(folder, n_test=5)  # labels of another size: mismatched files
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(3, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"holds 5 images but label file .* holds 3 labels"):
+        load_dataset(cfg)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete install: an error, not "missing"
+    with pytest.raises(DataError, match="installed copy of dataset 'fashion-mnist' is incomplete"):
+        load_dataset(cfg)
 
 
 def test_env_subfolder_used_for_fashion_mnist(roots: dict[str, Path]) -> None:
@@ -123,7 +203,8 @@ def test_find_folder_reports_what_each_folder_lacks(roots: dict[str, Path]) -> N
     with pytest.raises(DataError) as info:
         locate_mod.find_folder("tree", None, ["data/a", "data/b"], how_to_get="Run make data.")
     msg = str(info.value)
-    assert f"{roots['env'] / 'tree'} ($EDGETUNE_DATA, lacks data/b)" in msg and msg.endswith("Run make data.")
+    assert f"{roots['env'] / 'tree'} (lacks data/b)" in msg and msg.endswith("Run make data.")
+    shutil.rmtree(roots["env"] / "tree")
     (roots["system"] / "tree" / "data" / "b").mkdir(parents=True)
     (roots["system"] / "tree" / "data" / "a").mkdir(parents=True)
     assert locate_mod.find_folder("tree", None, ["data/a", "data/b"]) == roots["system"] / "tree"
