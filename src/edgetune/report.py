@@ -11,7 +11,7 @@ from edgetune.core.errors import ConfigError
 from edgetune.core.state import atomic_write_bytes
 from edgetune.train.metrics import read_metrics
 
-__all__ = ["plot_curves", "write_report"]
+__all__ = ["plot_curves", "read_summary", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,38 @@ def _header(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/summary.json`` as a dict, or a :class:`ConfigError` naming the file and what to do."""
+    summary_file = run_dir / "summary.json"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder; give the run folder `edgetune run` wrote (its path is "
+                          "printed after `report:`)")
+    if not summary_file.is_file():
+        raise ConfigError(f"{run_dir} holds no summary.json: it is not a finished edgetune run folder (an "
+                          f"interrupted run finishes with `edgetune run --resume {run_dir}`)")
+    fix = (f"it is written when a run finishes: restore it from a copy, or rewrite it with "
+           f"`edgetune run --resume {run_dir}`")
+    try:
+        summary = json.loads(summary_file.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read {summary_file}: {err.strerror or err}; check its permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        where = f" (line {err.lineno}, column {err.colno}: {err.msg})" if isinstance(err, json.JSONDecodeError) else ""
+        raise ConfigError(f"{summary_file} is corrupt: not valid JSON{where}; {fix}") from None
+    if not isinstance(summary, dict):
+        raise ConfigError(f"{summary_file} holds a JSON {type(summary).__name__}, not the object of figures a run "
+                          f"writes; {fix}")
+    for key in ("stages", "environment", "expect"):
+        if key in summary and not isinstance(summary[key], dict):
+            raise ConfigError(f"{summary_file}: {key!r} must be a JSON object, got {type(summary[key]).__name__}; "
+                              f"{fix}")
+    return summary
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and its plots into ``run_dir`` (one section per stage for a staged run)."""
     run_dir = Path(run_dir)
-    summary_file = run_dir / "summary.json"
-    if not summary_file.is_file():
-        raise ConfigError(f"{run_dir} holds no summary.json: it is not a finished edgetune run folder")
-    summary = json.loads(summary_file.read_text())
+    summary = read_summary(run_dir)
     lines = _header(run_dir, summary)
     if "stages" in summary:
         order = summary.get("order") or list(summary["stages"])

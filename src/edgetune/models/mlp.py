@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from edgetune.core.config import Config
@@ -26,13 +26,21 @@ _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
 class MLPConfig(Config):
-    """widths: hidden layer sizes (empty: a linear classifier); activation between layers;
+    """widths: hidden layer sizes (at least one); activation between layers;
     batch_norm: BatchNorm1d after each hidden Linear; dropout: probability after each hidden activation."""
 
-    widths: tuple[Annotated[int, Field(gt=0)], ...] = (512, 256)
+    widths: tuple[Annotated[int, Field(gt=0)], ...] = Field(default=(512, 256), min_length=1)
     activation: Literal["relu", "gelu", "tanh"] = "relu"
     batch_norm: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("widths", mode="before")
+    @classmethod
+    def _not_empty(cls, v: object) -> object:
+        if isinstance(v, (list, tuple)) and not v:
+            raise ValueError("give at least one hidden layer size, e.g. widths=[256]; without hidden layers "
+                             "there is nothing for methods (sparse, ...) to adapt")
+        return v
 
 
 class MLP(nn.Module):

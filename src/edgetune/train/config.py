@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from edgetune.core.config import Config
+from edgetune.core.errors import ConfigError
 
 __all__ = ["CheckpointConfig", "OptimizerConfig", "ScheduleConfig", "TrainConfig"]
 
@@ -96,10 +97,39 @@ class TrainConfig(Config):
             raise ValueError("device must be cpu, cuda, cuda:N or auto")
         return v
 
+    def warmup_problem(self, total_steps: int, how: str, key: str = "train.") -> str | None:
+        """The message when the warm-up does not end before the run does, else None.
+
+        ``how`` says where ``total_steps`` comes from (``max_steps=N``, or epochs x steps per epoch); ``key``
+        prefixes the key names (empty inside a validation error, which names the section itself).
+        """
+        warmup = self.schedule.warmup_steps
+        if warmup and warmup >= total_steps:
+            return (f"{key}schedule.warmup_steps={warmup} is not below the run's {total_steps} optimizer steps "
+                    f"({how}), so the learning rate would never reach {key}optimizer.lr; lower "
+                    f"schedule.warmup_steps below {total_steps} (a few percent of the steps is usual) or train longer")
+        return None
+
+    def check_total_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """Raise :class:`ConfigError` at run start when the warm-up is as long as the run.
+
+        Call it once the data size is known: ``total_steps`` is the session's optimizer steps (epochs x steps per
+        epoch, capped by max_steps). At validate time only ``max_steps`` is known; this gives the same message.
+        """
+        if self.max_steps is not None and total_steps >= self.max_steps:
+            how = f"max_steps={self.max_steps}"
+        elif steps_per_epoch is not None:
+            how = f"epochs={self.epochs} x {steps_per_epoch} steps per epoch at batch_size={self.batch_size}"
+        else:
+            how = f"epochs={self.epochs} over this data"
+        problem = self.warmup_problem(total_steps, how)
+        if problem:
+            raise ConfigError(problem)
+
     @model_validator(mode="after")
     def _warmup(self) -> TrainConfig:
-        if self.max_steps is not None and self.schedule.warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"schedule.warmup_steps={self.schedule.warmup_steps} must be below max_steps={self.max_steps}"
-            )
+        if self.max_steps is not None:
+            problem = self.warmup_problem(self.max_steps, f"max_steps={self.max_steps}", key="")
+            if problem:
+                raise ValueError(problem)
         return self
