@@ -1,13 +1,22 @@
 """Checkpoints: one safetensors file of every tensor + one JSON file of everything else.
 
 Writing is atomic (temp file, fsync, rename) and the JSON, written last, is the commit marker: it holds the
-SHA-256 of the tensor file, checked before anything is loaded. A checkpoint whose hash does not match, whose
-JSON is not an edgetune checkpoint, or whose tensors do not fit the model is refused with a
-:class:`CheckpointError` before any state is touched. Only the newest ``keep_last`` checkpoints are kept.
+SHA-256 of the tensor file and a ``checksum`` over its own content (the training state, the tensor file's
+SHA-256, the fingerprint), so an edit to either file, even one that still parses (a learning rate, an epoch
+position), is refused with a :class:`CheckpointError` naming the file before any state is touched; so is a
+JSON that is not an edgetune checkpoint, or tensors that do not fit the model. Only the newest ``keep_last``
+checkpoints are kept.
+
+Format versions: 2 (this one) carries the JSON ``checksum``. Version 1 checkpoints, written before it,
+are still resumed (their tensor file is verified, their JSON cannot be) with a warning in the log.
+
+Opening a folder (:class:`CheckpointManager`) removes what a kill during a write left behind: the atomic
+writer's temp files and a tensor file whose JSON was never written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -21,15 +30,28 @@ from safetensors import SafetensorError
 from torch import nn
 
 from edgetune.core.errors import CheckpointError
-from edgetune.core.state import atomic_write_json, load_tensors, save_tensors, sha256_file
+from edgetune.core.state import atomic_write_json, load_tensors, remove_temp_files, save_tensors, sha256_file
 from edgetune.core.tree import join_tensors, split_tensors
 
 __all__ = ["Checkpoint", "CheckpointManager", "check_fingerprint", "model_fingerprint"]
 
 log = logging.getLogger(__name__)
 FORMAT = "edgetune-checkpoint"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSIONS = (1,)  # written before the JSON checksum: resumed with a warning
 _NAME = re.compile(r"^step-(\d{9})\.json$")
+_FILES = r"step-\d{9}\.(?:json|safetensors)"
+
+
+def json_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint JSON's content, all keys but ``checksum``, in a canonical form.
+
+    The form is that of the parsed file (``json.loads`` of what was written: int keys become strings, tuples
+    lists), so the writer and the reader hash the same text whatever the key types were.
+    """
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != "checksum"}))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, list[Any]]:
@@ -79,6 +101,21 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 2) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self._remove_interrupted_writes()
+
+    def _remove_interrupted_writes(self) -> None:
+        """Delete the temp files and JSON-less tensor files a kill during :meth:`save` left behind.
+
+        Run when a run (re)starts in the folder, before anything writes to it: the JSON is the commit
+        marker, so a tensor file without one belongs to no checkpoint.
+        """
+        remove_temp_files(self.directory, _FILES)
+        if not self.directory.is_dir():
+            return
+        for blob in sorted(self.directory.glob("step-*.safetensors")):
+            if re.fullmatch(_FILES, blob.name) and not blob.with_suffix(".json").exists():
+                log.info("removing %s: a checkpoint write was interrupted before its JSON was written", blob)
+                blob.unlink(missing_ok=True)
 
     def save(self, step: int, state: dict[str, Any], fingerprint: dict[str, list[Any]]) -> Path:
         tensors: dict[str, torch.Tensor] = {}
@@ -96,6 +133,7 @@ class CheckpointManager:
             "fingerprint": fingerprint,
             "state": tree,
         }
+        meta["checksum"] = json_checksum(meta)
         json_file = self.directory / f"{stem}.json"
         atomic_write_json(json_file, meta)
         log.debug("checkpoint written: %s", json_file)
@@ -129,8 +167,27 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} is unreadable or corrupt ({err}). {fix}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not an edgetune checkpoint (no '{FORMAT}' marker).")
-        if meta.get("version") != VERSION:
-            raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')}, expected {VERSION}.")
+        version = meta.get("version")
+        if version in LEGACY_VERSIONS:
+            log.warning(
+                "checkpoint %s has format version %s, written before checkpoints carried a checksum of their "
+                "JSON: its tensors are verified, its training state (step, learning rate...) cannot be.",
+                path,
+                version,
+            )
+        elif version != VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} has format version {version!r}; this edgetune reads versions "
+                f"{', '.join(map(str, (*LEGACY_VERSIONS, VERSION)))}. Resume it with the edgetune that wrote it, "
+                "or start a new run."
+            )
+        elif meta.get("checksum") != json_checksum(meta):
+            what = "has no checksum" if "checksum" not in meta else "does not match the checksum recorded in it"
+            raise CheckpointError(
+                f"checkpoint {path} was changed after it was written: its content {what}. An edited checkpoint "
+                f"(learning rate, step, epoch, any value) is not resumed, since the run would not continue the "
+                f"one that wrote it. {fix}"
+            )
         tensor_file = path.parent / str(meta.get("tensors", ""))
         if not tensor_file.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: its tensor file {tensor_file.name} is missing. {fix}")
@@ -141,6 +198,6 @@ class CheckpointManager:
         try:
             tensors = load_tensors(tensor_file, device=device)
             state = join_tensors(meta["state"], tensors)
-        except (SafetensorError, KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {path} cannot be decoded ({err}). {fix}") from None
-        return Checkpoint(path=path, step=int(meta["step"]), state=state, fingerprint=meta["fingerprint"])
+            return Checkpoint(path=path, step=int(meta["step"]), state=state, fingerprint=dict(meta["fingerprint"]))
+        except (SafetensorError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {path} cannot be decoded ({type(err).__name__}: {err}). {fix}") from None
