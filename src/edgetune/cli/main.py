@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _os_error_message(err: OSError) -> tuple[str, int] | None:
     """A user-facing paragraph and exit code for a file-system error the user can fix, else None."""
-    name = err.filename if err.filename is not None else "a file"
+    target = err.filename2 if err.filename2 is not None else err.filename  # rename(tmp, target): the target
+    name = target if target is not None else "a file"
     reason = err.strerror or str(err)
     folder_fix = ("If it is where the run writes, set output_dir in the recipe (or pass --run-dir DIR) to a folder "
                   "you can write; otherwise give a path that exists and you can read.")
@@ -61,7 +62,8 @@ def _os_error_message(err: OSError) -> tuple[str, int] | None:
         return (f"cannot create the folder {name}: a file of that name is in the way ({reason}). Move it, or "
                 "choose another output_dir or --run-dir."), 2
     if isinstance(err, IsADirectoryError):
-        return f"{name} is a folder where a file was expected ({reason}); give the path of a file.", 2
+        return (f"{name} is a folder where a file was expected ({reason}); move or delete that folder, or give "
+                "the path of a file."), 2
     if err.errno == errno.ENOSPC:
         return f"no space left on the device while writing {name}; free some space and run again.", 1
     return None
