@@ -236,18 +236,20 @@ def pretrained_table(csv_path: str | Path) -> str:
         latest[(r.get("group", ""), r["model"], r["variant"], r.get("input", ""))] = r
     order = {"probe": 0, "full": 1, "scratch": 2}
     lines = [("| group | model | variant | data | input | train ex. | steps | batch | lr | test acc | "
-              "step (ms, median) | load (s) | peak RSS (MB) | trainable params | threads | git | date |"),
+              "step (ms, median / min) | load (s) | peak RSS (MB) | trainable params | threads | git | date |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (_g, _m, _v, _i), r in sorted(latest.items(), key=lambda kv: (kv[0][0], order.get(kv[0][2], 9))):
         lines.append(
             f"| {r.get('group', '')} | {r['model']} | {r['variant']} | {r['dataset']} | {r.get('input', '')} | "
             f"{r.get('train_examples', '')} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('lr', '')} | "
-            f"{_f(r.get('test_acc'), '.4f')} | {_f(r.get('step_time_ms_median'), '.0f')} | {_f(r.get('load_s'), '.2f')} | "
+            f"{_f(r.get('test_acc'), '.4f')} | {_f(r.get('step_time_ms_median'), '.0f')} / {_f(r.get('step_time_ms_min'), '.0f')} | "
+            f"{_f(r.get('load_s'), '.2f')} | "
             f"{_f(r.get('peak_rss_mb'), '.0f')} | {r.get('trainable_parameters', '')} | {r.get('torch_threads', '')} | "
             f"{(r.get('git_sha') or '')[:8]} | {(r.get('timestamp_utc') or '')[:16]} |")
     note = ("\nLinear probe = only the new head trains (`train.trainable: [head]`); full = every parameter; "
             "scratch = resnet20 at 28 px, random init. Same seed, data subset, batch and steps within a group. "
-            "Step time: median over the run's steps after the first two (per-step `time_s` of metrics.jsonl). "
+            "Step time: median (and fastest) over the run's steps after the first two (per-step `time_s` of "
+            "metrics.jsonl); a median far above the minimum means the shared machine was busy. "
             "Load: read + sha256 + build in a fresh process. Peak RSS: the variant's own process when "
             "`rss_scope` is 'own process'. Timings on a shared machine: compare within one run.\n")
     return "\n".join(lines) + "\n" + note
