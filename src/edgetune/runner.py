@@ -32,13 +32,19 @@ from edgetune.data.base import DataBundle, load_dataset
 from edgetune.data.batches import batch_inputs, compose, take, to_device
 from edgetune.models.base import ModelSpec
 from edgetune.models.source import LoadedModel
+from edgetune.pipeline.runfolder import claim_run_folder
 from edgetune.pipeline.sources import load_model_source, loop_task
 from edgetune.pipeline.stages import resolve_stages
 from edgetune.pipeline.steps import STEPS, StepContext
 from edgetune.recipe import RunConfig, recipe_schema
 from edgetune.train.loop import resolve_device
 
-__all__ = ["LoadedRun", "RunResult", "load_run_model", "new_run_dir", "resume", "run"]
+__all__ = ["RESUME_KEYS", "LoadedRun", "RunResult", "load_run_model", "new_run_dir", "resume", "run"]
+
+#: settings ``--resume`` may change; they are applied for real (the rest would contradict the checkpoint)
+RESUME_KEYS = ("train.epochs", "train.max_steps", "train.device", "train.num_threads", "train.progress",
+               "train.eval_batch_size", "train.log_every_steps", "train.eval_every_epochs",
+               "train.checkpoint.every_epochs", "train.checkpoint.every_steps", "train.checkpoint.keep_last")
 
 log = logging.getLogger(__name__)
 MODEL_INFO = "model.json"
@@ -240,17 +246,18 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     rank = _rank()
     stages = resolve_stages(cfg)
-    if rank == 0:
-        _write_start(run_dir, cfg, command, resume)
-    if not cfg.stages:
-        summary, _ = run_stage(cfg, run_dir, resume=resume)
-    else:
-        summary = _run_stages(cfg, stages, run_dir, resume=resume, t0=t0, command=command)
-    report = None
-    if rank == 0 and write_report:
-        from edgetune.report import write_report as _write
+    with claim_run_folder(run_dir, resume=resume, main=rank == 0):
+        if rank == 0:
+            _write_start(run_dir, cfg, command, resume)
+        if not cfg.stages:
+            summary, _ = run_stage(cfg, run_dir, resume=resume)
+        else:
+            summary = _run_stages(cfg, stages, run_dir, resume=resume, t0=t0, command=command)
+        report = None
+        if rank == 0 and write_report:
+            from edgetune.report import write_report as _write
 
-        report = _write(run_dir)
+            report = _write(run_dir)
     if summary.get("world_size", 1) > 1 or any(s.get("world_size", 1) > 1 for s in summary.get("stages", {}).values()):
         from edgetune.train.distributed import shutdown
 
@@ -302,9 +309,19 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | 
     """Continue the run in ``run_dir`` from its newest checkpoint (its config.yaml is the recipe)."""
     from edgetune.core.config import apply_overrides
 
+    from edgetune.core.config import parse_override
+
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); pass the folder `edgetune run` created")
+    refused = [".".join(parse_override(o)[0]) for o in overrides]
+    refused = [k for k in refused if k not in RESUME_KEYS]
+    if refused:
+        raise ConfigError(
+            f"--resume cannot change {', '.join(refused)}: the checkpoint was taken under the old value, so the run "
+            f"would mix two settings. A resumed run may change only {', '.join(RESUME_KEYS)}; to change anything "
+            "else, start a new run"
+        )
     data = apply_overrides(load_yaml(run_dir / "config.yaml"), overrides)
     cfg = validate(recipe_schema(), data)
     return run(cfg, run_dir, resume=True, command=command)

@@ -221,7 +221,6 @@ def test_explicit_empty_mapping_means_defaults(tmp_path):
     assert load_yaml(r) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli/commands.py _validate to collect every failure (lead)")
 def test_validate_checks_every_recipe_and_reports_each_failure(tmp_path, capsys):
     good = recipe(tmp_path, "good.yaml")
     bad1 = recipe(tmp_path, "bad1.yaml", lr=0.1)
@@ -319,7 +318,6 @@ def test_entry_point_quiet_after_command_and_version(tmp_path):
     assert_user_error(r.returncode, r.stderr, 'Did you mean "train.optimizer.lr"?')
 
 
-@pytest.mark.xfail(strict=True, reason="needs the loop to use edgetune.train.progress.progress (lead, loop.py)")
 def test_run_off_a_terminal_logs_progress_lines_and_q_silences_them(tmp_path):
     r = recipe(tmp_path, progress=True, max_steps=12, log_every_steps=100)
     loud = cli("run", str(r), "--run-dir", str(tmp_path / "a"))
@@ -330,7 +328,6 @@ def test_run_off_a_terminal_logs_progress_lines_and_q_silences_them(tmp_path):
     assert "steps (" not in quiet.stderr and "dataset" not in quiet.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="needs the loop to call TrainConfig.check_total_steps at run start (lead)")
 def test_warmup_longer_than_the_epochs_fails_at_run_start(tmp_path, capsys):
     r = recipe(tmp_path, schedule={"warmup_steps": 100})  # digits: 899 examples / 64 = 15 steps per epoch
     rc, _, err = edgetune(capsys, "validate", str(r))

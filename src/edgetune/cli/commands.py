@@ -135,11 +135,25 @@ def add_ls(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------- validate
 def _validate(args: argparse.Namespace) -> int:
+    from edgetune.core.errors import EdgetuneError
     from edgetune.recipe import load_recipe
 
-    for recipe in args.recipes:
-        load_recipe(recipe, args.overrides)
-        print(f"{recipe}: ok")
+    if len(args.recipes) == 1:  # one recipe: its error is the one paragraph main() prints
+        load_recipe(args.recipes[0], args.overrides)
+        print(f"{args.recipes[0]}: ok")
+        return 0
+    failed = []
+    for recipe in args.recipes:  # every recipe is checked; each failure is reported
+        try:
+            load_recipe(recipe, args.overrides)
+        except EdgetuneError as err:
+            failed.append(recipe)
+            print(f"edgetune: error: {recipe}: {err}", file=sys.stderr)
+        else:
+            print(f"{recipe}: ok")
+    if failed:
+        print(f"edgetune: {len(failed)} of {len(args.recipes)} recipes failed: {', '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -60,6 +60,7 @@ def _train(ctx: StepContext) -> dict[str, Any]:
         import logging
 
         logging.getLogger(__name__).warning("no checkpoint in %s: starting this stage from the beginning", ctx.run_dir)
+        trainer.clear_log()  # the records of the attempt that left no checkpoint would otherwise appear twice
     summary = trainer.fit()
     trainer.close()
     summary["world_size"] = trainer.ws

@@ -33,7 +33,10 @@ from edgetune.sparse.compact import (
 )
 from edgetune.sparse.layer import SparseLinear
 
-__all__ = ["FORMAT", "VERSION", "CompactionReport", "StorageRule", "apply_storage_rule_", "choose_storage",
+#: the storage rule of a compact export: bytes only (sparse wherever it is smaller)
+SMALLEST = StorageRule(max_sparse_density=1.0)
+
+__all__ = ["SMALLEST", "FORMAT", "VERSION", "CompactionReport", "StorageRule", "apply_storage_rule_", "choose_storage",
            "compact_mlp_", "export_run", "load_exported", "save_exported"]
 
 log = logging.getLogger(__name__)
@@ -224,7 +227,8 @@ def export_run(run: Any, run_dir: str | Path, out_dir: str | Path | None = None,
     with ``with_data=True``; the ``edgetune export`` command passes it), so the family needs no pipeline import.
 
     MLPs are compacted (:func:`compact_mlp_`); other models keep their neurons and only get the storage
-    rule. The export is reloaded with :func:`load_exported` and compared with the run's model on its test
+    rule. ``rule`` defaults to the smallest file (:data:`SMALLEST`: each layer stored sparse whenever that takes
+    fewer bytes, so the export never grows the model); ``StorageRule()`` trades bytes for CPU latency. The export is reloaded with :func:`load_exported` and compared with the run's model on its test
     split. Returns (and writes as ``export_report.json``) bytes, parameters, non-zeros, widths, CPU
     latency (median ms at batch 1 and 256) and test accuracy, each before and after.
     """
@@ -234,6 +238,7 @@ def export_run(run: Any, run_dir: str | Path, out_dir: str | Path | None = None,
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    rule = rule or SMALLEST
     model, cfg, bundle = run.model, run.cfg, run.bundle
     reference = copy.deepcopy(model)
     test = tuple(bundle.test.tensors)

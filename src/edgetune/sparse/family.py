@@ -10,10 +10,10 @@ import edgetune.sparse.bench  # noqa: F401  (registers the ``sparse`` and ``spar
 from edgetune.core.plugins import EXPORTS, ExportFormat
 
 
-def _export(run: Any, run_dir: Path, out_dir: Path | None) -> dict[str, Any]:
-    from edgetune.sparse.export import export_run
+def _export(run: Any, run_dir: Path, out_dir: Path | None, *, fast: bool = False) -> dict[str, Any]:
+    from edgetune.sparse.export import StorageRule, export_run
 
-    rep = export_run(run, run_dir, out_dir)
+    rep = export_run(run, run_dir, out_dir, rule=StorageRule() if fast else None)
     rep["message"] = (f"{rep['bytes_before']} -> {rep['bytes_after']} bytes, widths {rep['widths_before']} -> "
                       f"{rep['widths_after']}, latency batch 1 {rep['latency_ms_batch1_before']:.3f} -> "
                       f"{rep['latency_ms_batch1_after']:.3f} ms, test accuracy {rep['test_acc_before']:.4f} -> "
@@ -21,5 +21,13 @@ def _export(run: Any, run_dir: Path, out_dir: Path | None) -> dict[str, Any]:
     return rep
 
 
-EXPORTS.add("sparse-compact", ExportFormat(export=_export, applies=lambda cfg: getattr(cfg, "sparse", None) is not None),
-            summary="sparse storage per layer, dead neurons removed (MLPs); reloads with edgetune.sparse.export.load_exported")
+def _sparse(cfg: Any) -> bool:
+    return getattr(cfg, "sparse", None) is not None
+
+
+EXPORTS.add("sparse-compact", ExportFormat(export=_export, applies=_sparse),
+            summary="smallest file: each layer sparse wherever that takes fewer bytes, dead neurons removed (MLPs); "
+                    "reloads with edgetune.sparse.export.load_exported")
+EXPORTS.add("sparse-fast", ExportFormat(export=lambda run, d, o: _export(run, d, o, fast=True), applies=lambda cfg: False),
+            summary="CPU-latency storage rule: layers above 6% density stored dense (may be larger than the run's "
+                    "model); dead neurons removed (MLPs)")

@@ -161,9 +161,17 @@ class Trainer:
         self.train_data = train
         self.epochs = epochs
         self.steps_per_epoch = math.ceil(n_local / self.local_batch)
+        if n_local % self.local_batch == 1 and self.steps_per_epoch > 1 and self._has_batchnorm():
+            # BatchNorm cannot normalise a batch of one example in training: drop that last example of each epoch
+            self.steps_per_epoch -= 1
+            log.info("the last batch of each epoch would hold 1 example, which BatchNorm cannot train on: dropped")
         total = epochs * self.steps_per_epoch
         self.session_steps = min(total, max_steps) if max_steps else total
         self.total_steps = self.session_start + self.session_steps  # global step at which this session ends
+        self.cfg.check_total_steps(self.session_steps, self.steps_per_epoch)
+
+    def _has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
 
     def _build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -270,6 +278,11 @@ class Trainer:
                  loop["epoch"])
         return True
 
+    def clear_log(self) -> None:
+        """Drop every record of metrics.jsonl (a run that restarts from the beginning writes them again)."""
+        if self.metrics is not None:
+            self.metrics.truncate_after(-1)
+
     def _restore_position(self) -> None:
         loop = self._resume_loop
         opt, sched, scaler = self._resume_opt
@@ -375,7 +388,7 @@ class Trainer:
         return summary
 
     def _fit_session(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from edgetune.train.progress import progress
 
         st, cfg = self.state, self.cfg
         st.session = self.session
@@ -387,9 +400,8 @@ class Trainer:
             self._hook("on_fit_start")
             self._started = True
         self._hook("on_session_start")
-        bar = tqdm(total=self.session_steps, initial=st.step - self.session_start,
-                   disable=not (cfg.progress and self.dist.is_main), desc=f"train{f' s{self.session}' if self.session else ''}",
-                   unit="step", dynamic_ncols=True, leave=False)
+        bar = progress(self.session_steps, st.step - self.session_start,
+                       f"train{f' s{self.session}' if self.session else ''}", cfg.progress and self.dist.is_main)
         t0 = self._fit_t0 = time.perf_counter()
         run: dict[str, torch.Tensor] = {}
         run_steps = 0

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetune.core.errors import ConfigError
 from edgetune.models import MLP, ModelSpec, build_model
 from edgetune.models.resnet import BasicBlock
 
@@ -47,8 +48,8 @@ def test_mlp_options_add_batch_norm_and_dropout() -> None:
     torch.testing.assert_close(model(x), model(x))  # dropout off in eval
     model.train()
     assert not torch.allclose(model(x), model(x))  # dropout on in train
-    linear = build_model("mlp", {"widths": []}, ModelSpec((4,), 2))
-    assert [n for n, m in linear.named_modules() if isinstance(m, nn.Linear)] == ["head"]
+    with pytest.raises(ConfigError, match="widths"):  # validate must catch it, not a later stage
+        build_model("mlp", {"widths": []}, ModelSpec((4,), 2))
 
 
 def test_resnet20_parameter_count_matches_paper() -> None:
