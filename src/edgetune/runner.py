@@ -307,9 +307,7 @@ def _lazy_stage_model(folder: Path):
 
 def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from its newest checkpoint (its config.yaml is the recipe)."""
-    from edgetune.core.config import apply_overrides
-
-    from edgetune.core.config import parse_override
+    from edgetune.core.config import apply_overrides, parse_override
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

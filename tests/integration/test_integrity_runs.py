@@ -128,7 +128,7 @@ def test_a_run_that_fails_at_start_up_leaves_no_folder(tmp_path):
 def test_batchnorm_trains_when_the_last_batch_would_hold_one_example():
     from torch.utils.data import TensorDataset
 
-    from edgetune import Trainer, TrainConfig, build_model
+    from edgetune import TrainConfig, Trainer, build_model
     from edgetune.models import ModelSpec
 
     g = torch.Generator().manual_seed(0)

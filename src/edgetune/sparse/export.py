@@ -36,8 +36,19 @@ from edgetune.sparse.layer import SparseLinear
 #: the storage rule of a compact export: bytes only (sparse wherever it is smaller)
 SMALLEST = StorageRule(max_sparse_density=1.0)
 
-__all__ = ["SMALLEST", "FORMAT", "VERSION", "CompactionReport", "StorageRule", "apply_storage_rule_", "choose_storage",
-           "compact_mlp_", "export_run", "load_exported", "save_exported"]
+__all__ = [
+    "FORMAT",
+    "SMALLEST",
+    "VERSION",
+    "CompactionReport",
+    "StorageRule",
+    "apply_storage_rule_",
+    "choose_storage",
+    "compact_mlp_",
+    "export_run",
+    "load_exported",
+    "save_exported",
+]
 
 log = logging.getLogger(__name__)
 
