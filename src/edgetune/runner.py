@@ -380,7 +380,13 @@ def _load_run_model(run_dir: Path, device: str, with_data: bool | None) -> Loade
     ctx = SectionContext(total_steps=1, steps_per_epoch=1, epochs=1, device=dev, seed=cfg.seed, run_dir=None)
     _apply_sections(loaded.model, cfg, ctx)
     try:
-        loaded.model.load_state_dict(load_tensors(weights, device=device))
+        state = load_tensors(weights, device=device)
+    except Exception as err:  # noqa: BLE001  (safetensors raises its own types for a cut or garbled file)
+        raise ConfigError(f"{weights} cannot be read ({type(err).__name__}: {err}); the file is damaged or is not a "
+                          f"safetensors file. Restore it from a copy, or rewrite it with `edgetune run --resume "
+                          f"{run_dir}` (the newest checkpoint holds the same weights)") from None
+    try:
+        loaded.model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{weights} does not fit the model its config.yaml describes: {err}") from None
     loaded.source = f"run {run_dir}"

@@ -158,3 +158,15 @@ def test_compact_export_never_grows_the_model(tmp_path):
     assert r.returncode == 0, r.stderr
     fast = json.loads((tmp_path / "fast" / "export_report.json").read_text())
     assert fast["storage"][:-1] == ["dense", "dense"] and fast["bytes_after"] > rep["bytes_after"]
+
+
+def test_export_of_a_damaged_model_file_names_it(finished, tmp_path):
+    import shutil
+
+    _, run = finished
+    copy = tmp_path / "damaged"
+    shutil.copytree(run, copy)
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:100])
+    before = tree(copy)
+    refused(cli("export", str(copy), "--format", "sparse-compact"), 2, "model.safetensors cannot be read")
+    assert tree(copy) == before
