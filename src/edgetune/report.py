@@ -174,11 +174,12 @@ def write_report(run_dir: str | Path) -> Path:
     lines = _header(run_dir, summary)
     if "stages" in summary:
         order = summary.get("order") or list(summary["stages"])
-        lines += ["", "## Stages compared", "", "| stage | " + " | ".join(c for c, _ in _COMPARE) + " |",
-                  "|---" * (len(_COMPARE) + 1) + "|"]
-        for name in order:
-            s = summary["stages"].get(name, {})
-            lines.append(f"| {name} | " + " | ".join(_fmt(s.get(k)) if s.get(k) is not None else "" for _, k in _COMPARE)
+        rows = [summary["stages"].get(n, {}) for n in order]
+        cols = [(c, k) for c, k in _COMPARE if any(r.get(k) is not None for r in rows)]  # no empty column
+        lines += ["", "## Stages compared", "", "| stage | " + " | ".join(c for c, _ in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for name, s in zip(order, rows):
+            lines.append(f"| {name} | " + " | ".join(_fmt(s.get(k)) if s.get(k) is not None else "" for _, k in cols)
                          + " |")
         for name in order:
             s = summary["stages"].get(name)
