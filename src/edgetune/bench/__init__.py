@@ -4,6 +4,7 @@ Families register their suites (``edgetune.<family>.family`` imports them); :fun
 ``edgetune ls suites`` load every family first.
 """
 
+from edgetune.bench import suites as _suites  # noqa: F401  (registers the foundation suites)
 from edgetune.bench.harness import SUITES, BenchContext, append_rows_csv, register_suite, run_suite
 
 __all__ = ["SUITES", "BenchContext", "append_rows_csv", "register_suite", "run_suite"]

@@ -72,9 +72,9 @@ class EdgetuneTrainerCallback(TrainerCallback):
 
     def __init__(self, callbacks: Sequence[Callback]) -> None:
         bad = [type(cb).__name__ for cb in callbacks if not isinstance(cb, Callback)]
-        if bad or not callbacks:
-            raise ConfigError(f"EdgetuneTrainerCallback needs a non-empty list of edgetune Callback objects, got "
-                              f"{bad or 'none'}; pass e.g. [SparseEngine(model, cfg)]")
+        if bad:
+            raise ConfigError(f"EdgetuneTrainerCallback takes a list of edgetune Callback objects, got "
+                              f"{bad}; pass e.g. [SparseEngine(model, cfg)]")
         self.callbacks = list(callbacks)
         self.stepper: MethodStepper | None = None
 
