@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.edgetune-installed
 
-.PHONY: setup run test test-all data clean models
+.PHONY: setup run test test-fast data clean models
 
 setup: $(STAMP) data models
 
@@ -59,11 +59,12 @@ $(MODELS_STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/edgetune run
 
+# Everything, the slow kill-and-resume check included (about 2 minutes of the suite's ~8); `make test-fast` skips it.
 test: setup
-	$(PY) -m pytest -q
-
-test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
+
+test-fast: setup
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

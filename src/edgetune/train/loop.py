@@ -146,6 +146,7 @@ class Trainer:
         self.earlier_time_s = 0.0  # time spent in fit() by earlier processes of this run (from the checkpoint)
         self._fit_t0: float | None = None
         self.history: list[dict[str, Any]] = []
+        self.records = 0  # metrics records written by this run (resumed runs continue the count)
         main = self.dist.is_main and self.run_dir is not None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if main else None
         self.ckpt = (
@@ -211,6 +212,7 @@ class Trainer:
         if self.session:
             record["session"] = self.session
         self.history.append(record)
+        self.records += 1
         if self.metrics is not None:
             self.metrics.write(record)
 
@@ -224,7 +226,7 @@ class Trainer:
             "rng": rng_state(),
             "loop": {"step": self.state.step, "epoch": self.state.epoch, "batch": self.batch_in_epoch,
                      "elapsed_s": self.elapsed_s(), "session": self.session, "session_start": self.session_start,
-                     "sessions_done": self.sessions_done},
+                     "sessions_done": self.sessions_done, "records": self.records},
             "callbacks": {f"{i}:{cb.name}": cb.state_dict() for i, cb in enumerate(self.callbacks)},
         }
 
@@ -272,7 +274,11 @@ class Trainer:
         self.earlier_time_s = float(loop.get("elapsed_s", 0.0))
         if self._resume_session == 0 and self._calls == 0:  # the usual case: a position in the first session
             self._restore_position()
-        if self.metrics is not None:
+        if "records" in loop:  # exactly the records written before the checkpoint (eval/ddp records at its step too)
+            self.records = int(loop["records"])
+            if self.metrics is not None:
+                self.metrics.truncate_to(self.records)
+        elif self.metrics is not None:  # a checkpoint from before the count was kept
             self.metrics.truncate_after(int(loop["step"]))
         log.info("resumed from %s at step %d (session %d, epoch %d)", ck.path, loop["step"], self._resume_session,
                  loop["epoch"])
@@ -280,8 +286,9 @@ class Trainer:
 
     def clear_log(self) -> None:
         """Drop every record of metrics.jsonl (a run that restarts from the beginning writes them again)."""
+        self.records = 0
         if self.metrics is not None:
-            self.metrics.truncate_after(-1)
+            self.metrics.truncate_to(0)
 
     def _restore_position(self) -> None:
         loop = self._resume_loop
@@ -405,6 +412,8 @@ class Trainer:
         t0 = self._fit_t0 = time.perf_counter()
         run: dict[str, torch.Tensor] = {}
         run_steps = 0
+        if self.batch_in_epoch and (self.batch_in_epoch >= self.steps_per_epoch or st.step >= self.total_steps):
+            self._end_epoch()  # resumed from a step checkpoint taken after an epoch's last batch, before its end
         while st.step < self.total_steps and st.epoch < self.epochs:
             if self.batch_in_epoch == 0:
                 self._hook("on_epoch_start")
