@@ -48,11 +48,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     for name, st in (s.get("stages") or {"": s}).items():
         label = f"{name}: " if name else ""
-        if "test_acc" in st:
-            print(f"{label}test accuracy {st['test_acc']:.4f} after {st.get('steps', 0)} steps "
-                  f"({st.get('wall_time_s', 0):.0f} s)")
-        elif "test_ppl" in st:
-            print(f"{label}test perplexity {st['test_ppl']:.2f} after {st.get('steps', 0)} steps")
+        took = f"after {st.get('steps', 0)} steps ({st.get('wall_time_s', 0):.0f} s)"
+        if "test_ppl" in st:
+            print(f"{label}test perplexity {st['test_ppl']:.2f}, next-token accuracy {st['test_acc']:.4f} {took}")
+        elif "test_acc" in st:
+            print(f"{label}test accuracy {st['test_acc']:.4f} {took}")
     print(f"report: {result.report or result.run_dir}")
     failed = [k for k, e in s.get("expect", {}).items() if not e["ok"]]
     if failed:

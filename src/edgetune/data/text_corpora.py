@@ -26,6 +26,7 @@ from pydantic import Field
 from edgetune.core.config import Config
 from edgetune.core.errors import DataError
 from edgetune.data.base import DataBundle, DataConfig, loader_options, register_dataset
+from edgetune.data.common import make_bundle
 from edgetune.data.locate import find_folder
 from edgetune.data.text_classification import TextDataset, holdout_split, make_text_bundle
 
@@ -133,9 +134,12 @@ _BROWN_FILE = re.compile(r"^c([a-r])\d\d$")
 
 class BrownOptions(Config):
     """chunk_words: words per example (a document's last chunk is kept when it has at least half as many);
-    test_fraction: share of each genre's *documents* held out as test; split_seed: seed of that split."""
+    test_fraction: share of each genre's *documents* held out as test; split_seed: seed of that split;
+    task: classification (genre labels) or lm (the same text for causal language modelling: the model's
+    tokenizer cuts it into windows of ``model.max_length`` tokens)."""
 
     chunk_words: int = Field(default=100, ge=1)
+    task: Literal["classification", "lm"] = "classification"
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
 
@@ -201,6 +205,10 @@ def load_brown(cfg: DataConfig) -> DataBundle:
             texts += chunks
             labels += [int(doc_labels[d])] * len(chunks)
         splits.append(TextDataset(texts, torch.tensor(labels, dtype=torch.int64)))
+    if opts.task == "lm":
+        return make_bundle(cfg, name="brown", task="lm", train=splits[0], test=splits[1], num_classes=0,
+                           source=f"{root} ({len(files)} documents, {opts.chunk_words}-word chunks, language modelling)",
+                           notes=[f"brown: {len(train_docs)} train / {len(test_docs)} test documents"], input_shape=())
     return make_text_bundle(
         cfg,
         name="brown",

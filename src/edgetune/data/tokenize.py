@@ -150,6 +150,8 @@ def tokenize_bundle(bundle: DataBundle, tokenizer: Any = None, max_length: int =
             "text-jsonl) are tokenized."
         )
     tok = tokenizer if tokenizer is not None else ByteTokenizer()
+    if bundle.task == "lm":
+        return _tokenize_lm_bundle(bundle, splits, tok, max_length)
     out = {k: tokenize_split(v, tok, max_length) if v is not None else None for k, v in splits.items()}
     train: DictDataset = out["train"]  # type: ignore[assignment]
     width = int(train.columns["input_ids"].shape[1])
@@ -165,6 +167,36 @@ def tokenize_bundle(bundle: DataBundle, tokenizer: Any = None, max_length: int =
         token_vocab_size=len(tok),
         notes=[*bundle.notes, note],
     )
+
+
+def tokenize_lm_split(ds: TextDataset, tokenizer: Any, block: int) -> DictDataset:
+    """Causal-LM windows: every text tokenized, joined by the end-of-text token, cut into ``(N, block)`` windows.
+
+    ``labels`` equal ``input_ids`` (Hugging Face convention; the lm task shifts them), ``attention_mask`` is all ones;
+    a last window shorter than ``block`` is dropped.
+    """
+    if block < 2:
+        raise ConfigError(f"model.max_length={block}: language-model windows need at least 2 tokens")
+    sep = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for row in tokenizer(list(ds.texts))["input_ids"] if len(ds.texts) else []:  # one batched call
+        ids += [int(i) for i in row]
+        if sep is not None:
+            ids.append(int(sep))
+    n = len(ids) // block
+    if n == 0:
+        raise DataError(f"the text holds {len(ids)} tokens, fewer than one window of {block}; use more text or a "
+                        "smaller model.max_length")
+    x = torch.tensor(ids[: n * block], dtype=torch.int64).view(n, block)  # (N, block)
+    return DictDataset({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
+
+
+def _tokenize_lm_bundle(bundle: DataBundle, splits: dict[str, Any], tok: Any, block: int) -> DataBundle:
+    out = {k: tokenize_lm_split(v, tok, block) if v is not None else None for k, v in splits.items()}
+    note = f"tokenized with {_tokenizer_name(tok)} (vocabulary {len(tok)}) into {block}-token windows"
+    log.info("dataset %s: %s: %d train, %d test windows", bundle.name, note, len(out["train"]), len(out["test"]))
+    return dataclasses.replace(bundle, train=out["train"], val=out["val"], test=out["test"], input_shape=(block,),
+                               num_classes=len(tok), token_vocab_size=len(tok), notes=[*bundle.notes, note])
 
 
 def check_tokenizer(tokenizer: Any, model: nn.Module) -> None:
