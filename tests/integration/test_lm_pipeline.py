@@ -9,9 +9,9 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from edgetune.data.locate import SYSTEM_ROOTS  # noqa: E402
-from edgetune.recipe import load_recipe  # noqa: E402
-from edgetune.runner import run  # noqa: E402
+from edgetune.data.locate import SYSTEM_ROOTS
+from edgetune.recipe import load_recipe
+from edgetune.runner import run
 
 WORDS = ["the", "of", "and", "to", "a", "in", "is", "that", "for", "was", "he", "it", "with", "as", "his", "on", "be"]
 
