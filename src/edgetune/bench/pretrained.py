@@ -4,14 +4,13 @@ Two groups of rows, each compared at the same seed, data subset, batch size and 
 
 - ``minilm`` on SpamAssassin (binary): a linear probe (frozen encoder, only the new head trains) vs full
   fine-tuning;
-- ``mobilenet-v2`` on Fashion-MNIST resized to ``image_size`` px: linear probe vs full fine-tuning, beside
-  ``resnet20`` trained from scratch on the same images at their native 28 px (0.27 M parameters; the
-  from-scratch baseline of similar training cost).
+- ``mobilenet-v2`` on Fashion-MNIST resized to ``image_size`` px: linear probe vs full fine-tuning vs the same
+  MobileNetV2 from random weights (``init: random``: same size, same preprocessing), beside ``resnet20`` trained
+  from scratch on the same images at their native 28 px (0.27 M parameters; a small from-scratch baseline).
 
 Every variant runs through the recipe pipeline (:func:`edgetune.run`). The linear probe is written as
 ``train.trainable: [head]`` on the default task, which freezes everything but the head exactly as
-``model.task: features`` is documented to do (see the report: that spelling is rejected for both pretrained
-networks by the current loaders). Learning rates differ per variant (a head alone takes a larger step than a
+``model.task: features`` does. Learning rates differ per variant (a head alone takes a larger step than a
 whole network) and are written in each row.
 
 Figures per row: test accuracy after the steps; median time per optimizer step (from the loop's per-step
@@ -73,6 +72,7 @@ def _variants(image_size: int, max_length: int) -> list[Variant]:
         Variant("minilm", "minilm", "full", "spamassassin", text, 1e-4),
         Variant("mobilenet-v2", "mobilenet-v2", "probe", "fashion-mnist", image, 1e-2, ("head",)),
         Variant("mobilenet-v2", "mobilenet-v2", "full", "fashion-mnist", image, 1e-3),
+        Variant("mobilenet-v2", "mobilenet-v2-random", "scratch", "fashion-mnist", {**image, "init": "random"}, 1e-3),
         Variant("mobilenet-v2", "resnet20", "scratch", "fashion-mnist", {"name": "resnet20"}, 1e-3),
     ]
 
@@ -247,7 +247,7 @@ def pretrained_table(csv_path: str | Path) -> str:
             f"{_f(r.get('peak_rss_mb'), '.0f')} | {r.get('trainable_parameters', '')} | {r.get('torch_threads', '')} | "
             f"{(r.get('git_sha') or '')[:8]} | {(r.get('timestamp_utc') or '')[:16]} |")
     note = ("\nLinear probe = only the new head trains (`train.trainable: [head]`); full = every parameter; "
-            "scratch = resnet20 at 28 px, random init. Same seed, data subset, batch and steps within a group. "
+            "scratch = random init (MobileNetV2 at the same size and input; resnet20 at 28 px). Same seed, data subset, batch and steps within a group. "
             "Step time: median (and fastest) over the run's steps after the first two (per-step `time_s` of "
             "metrics.jsonl); a median far above the minimum means the shared machine was busy. "
             "Load: read + sha256 + build in a fresh process. Peak RSS: the variant's own process when "
