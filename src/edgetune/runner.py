@@ -174,64 +174,74 @@ def _write_start(run_dir: Path, cfg: RunConfig, command: str | None, resume: boo
 
 
 # ------------------------------------------------------------------------------------------ a stage
-def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: dict[str, Any] | None = None,
-              stage: str = "main") -> tuple[dict[str, Any], LoadedModel]:
-    """Run one stage into ``stage_dir``; return its summary and its model (for later stages)."""
-    t0 = time.perf_counter()
-    rank = _rank()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+def _prepare(cfg: RunConfig, device: torch.device, stages: dict[str, Any] | None, stage: str):
+    """Data, model source, tokenization and freezing of a stage: ``(bundle, loaded, spec, transform)``."""
     bundle = load_dataset(cfg.data)
     log.info("[%s] data: %s (%d train, %d test) from %s", stage, bundle.name, len(bundle.train), len(bundle.test),
              bundle.source)
     spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)
     loaded = load_model_source(cfg.model, spec, device, stages=stages,
                                generator=torch.Generator().manual_seed(cfg.seed))
-    task = loop_task(cfg.model.task, bundle.task)
-    loaded.task = task
+    loaded.task = loop_task(cfg.model.task, bundle.task)
     bundle = _prepare_text(bundle, loaded, cfg)
-    transform = compose(bundle.transform, loaded.transform)
     patterns = cfg.train.trainable or (["head"] if cfg.model.task == "features" else None)
     if patterns:
         set_trainable_(loaded.model, patterns, head=loaded.head)
+    return bundle, loaded, spec, compose(bundle.transform, loaded.transform)
+
+
+def _record(cfg: RunConfig, stage: str, stage_dir: Path, summary: dict[str, Any], loaded: LoadedModel,
+            bundle: DataBundle, spec: ModelSpec, transform: Any, callbacks: list[Callback], device: torch.device,
+            t0: float) -> None:
+    """Save the stage's model (and its families' files), measure it, and write its summary.json."""
+    from edgetune.measure import environment
+
     model = loaded.model
+    weights = stage_dir / "model.safetensors"
+    save_tensors(model.state_dict(), weights, metadata={"format": "edgetune-model"})
+    summary["family_files"] = _family_files(model, cfg, stage_dir)
+    atomic_write_json(stage_dir / MODEL_INFO, {
+        "spec": {"input_shape": list(spec.input_shape), "num_classes": spec.num_classes, "task": spec.task},
+        "task": loaded.task, "head": loaded.head, "source": loaded.source})
+    summary.update(trainable_report(model))  # after the step: methods may change sizes during training
+    summary.update(_measure(loaded, bundle, transform, loaded.task, device, weights))
+    summary.update({
+        "stage": stage, "step": cfg.step, "task": loaded.task, "model_source": loaded.source,
+        "model_notes": loaded.notes, "dataset": bundle.name, "train_examples": len(bundle.train),
+        "data_source": bundle.source, "data_notes": bundle.notes, "seed": cfg.seed,
+        # a resumed run adds the time its earlier processes spent training (from the checkpoint)
+        "wall_time_s": time.perf_counter() - t0 + summary.get("earlier_time_s", 0.0),
+        "environment": environment(),
+        "method_metrics": {k: v for cb in callbacks for k, v in cb.metrics().items()},
+    })
+    checks = {k: summary.get(k.removeprefix("min_")) for k in cfg.expect}
+    summary["expect"] = {k: {"min": v, "got": checks[k], "ok": checks[k] is not None and checks[k] >= v}
+                         for k, v in cfg.expect.items()}
+    atomic_write_json(stage_dir / "summary.json", summary)
+
+
+def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: dict[str, Any] | None = None,
+              stage: str = "main") -> tuple[dict[str, Any], LoadedModel]:
+    """Run one stage into ``stage_dir``; return its summary and its model (for later stages)."""
+    t0 = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    bundle, loaded, spec, transform = _prepare(cfg, device, stages, stage)
     steps_per_epoch = -(-len(bundle.train) // cfg.train.batch_size)
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     ctx = SectionContext(total_steps=total, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs, device=device,
                          seed=cfg.seed, run_dir=stage_dir, sample_inputs=_inputs_sampler(bundle, transform, device))
-    callbacks = _apply_sections(model, cfg, ctx)
+    callbacks = _apply_sections(loaded.model, cfg, ctx)
     entry = STEPS.entry(cfg.step)
-    step_ctx = StepContext(loaded=loaded, data=bundle, cfg=cfg, device=device, run_dir=stage_dir, task=task,
+    step_ctx = StepContext(loaded=loaded, data=bundle, cfg=cfg, device=device, run_dir=stage_dir, task=loaded.task,
                            transform=transform, callbacks=callbacks, resume=resume,
                            options=cfg.section(cfg.step) if entry.config is not None else None,
                            stages=dict(stages or {}))
     summary = dict(entry.obj(step_ctx))
-    summary["rank"] = rank
-    if rank == 0:
-        weights = stage_dir / "model.safetensors"
-        save_tensors(model.state_dict(), weights, metadata={"format": "edgetune-model"})
-        summary["family_files"] = _family_files(model, cfg, stage_dir)
-        atomic_write_json(stage_dir / MODEL_INFO, {
-            "spec": {"input_shape": list(spec.input_shape), "num_classes": spec.num_classes, "task": spec.task},
-            "task": task, "head": loaded.head, "source": loaded.source})
-        summary.update(trainable_report(model))  # after the step: methods may change sizes during training
-        summary.update(_measure(loaded, bundle, transform, task, device, weights))
-        from edgetune.measure import environment
-
-        summary.update({
-            "stage": stage, "step": cfg.step, "task": task, "model_source": loaded.source,
-            "model_notes": loaded.notes, "dataset": bundle.name, "train_examples": len(bundle.train),
-            "data_source": bundle.source, "data_notes": bundle.notes, "seed": cfg.seed,
-            # a resumed run adds the time its earlier processes spent training (from the checkpoint)
-            "wall_time_s": time.perf_counter() - t0 + summary.get("earlier_time_s", 0.0),
-            "environment": environment(),
-            "method_metrics": {k: v for cb in callbacks for k, v in cb.metrics().items()},
-        })
-        checks = {k: summary.get(k.removeprefix("min_")) for k in cfg.expect}
-        summary["expect"] = {k: {"min": v, "got": checks[k], "ok": checks[k] is not None and checks[k] >= v}
-                             for k, v in cfg.expect.items()}
-        atomic_write_json(stage_dir / "summary.json", summary)
+    summary["rank"] = _rank()
+    if summary["rank"] == 0:
+        _record(cfg, stage, stage_dir, summary, loaded, bundle, spec, transform, callbacks, device, t0)
     return summary, loaded
 
 
