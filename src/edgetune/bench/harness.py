@@ -3,8 +3,8 @@ them to a CSV (append-only results data) plus a JSON copy of the run.
 
 A suite is a function ``fn(ctx: BenchContext) -> Iterable[dict]`` registered with :func:`register_suite`.
 Each row is a flat dict of scalars (str, int, float, bool, None); other values are written as JSON text
-in the CSV. Families add their suites in their own files (e.g. ``edgetune/sparse/bench.py``), which must
-be imported before :func:`run_suite` can find them.
+in the CSV. Families add their suites in their own files (e.g. ``edgetune/sparse/bench/``), imported by their
+``family.py``; :func:`run_suite` loads every family first (``edgetune.core.plugins.load_families``).
 """
 
 from __future__ import annotations
