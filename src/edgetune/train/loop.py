@@ -54,9 +54,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _add(acc: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    """Accumulate a step's statistic sums into ``acc`` in place (float sums in float64)."""
     for k, v in sums.items():
-        v = v.detach()
-        acc[k] = acc[k] + v if k in acc else v.double() if v.is_floating_point() else v.clone()
+        if k in acc:
+            acc[k].add_(v.detach())
+        else:
+            acc[k] = v.detach().double() if v.is_floating_point() else v.detach().clone()
 
 
 @torch.no_grad()

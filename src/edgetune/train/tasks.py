@@ -70,9 +70,9 @@ def _token_ce(logits: Tensor, target: Tensor, smoothing: float) -> StepOutput:
     loss = F.cross_entropy(flat.float(), tgt, ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
     if not bool(n):  # every target ignored: a zero loss that still carries the graph
         loss = flat.sum() * 0.0
-    with torch.no_grad():
-        correct = ((flat.argmax(-1) == tgt) & valid).sum()
-        loss_sum = loss.detach().double() * n
+    with torch.no_grad():  # few small ops: this runs every training step
+        correct = (flat.argmax(-1) == tgt).sum()  # an ignored target (-100) never equals an argmax (>= 0)
+        loss_sum = loss.detach() * n
     return StepOutput(loss, {"loss_sum": loss_sum, "correct": correct, "count": n})
 
 
