@@ -8,6 +8,7 @@ measured; the pipeline saves the model, measures it and writes the report.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from edgetune.data.batches import BatchTransform
 from edgetune.models.source import LoadedModel
 
 __all__ = ["STEPS", "StepContext", "register_step"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,9 +60,7 @@ def _train(ctx: StepContext) -> dict[str, Any]:
     trainer = Trainer(ctx.loaded.model, b.train, ctx.cfg.train, val=b.val, test=b.test, callbacks=ctx.callbacks,
                       run_dir=ctx.run_dir, seed=ctx.cfg.seed, task=ctx.task, transform=ctx.transform)
     if ctx.resume and not trainer.resume():
-        import logging
-
-        logging.getLogger(__name__).warning("no checkpoint in %s: starting this stage from the beginning", ctx.run_dir)
+        log.warning("no checkpoint in %s: starting this stage from the beginning", ctx.run_dir)
         trainer.clear_log()  # the records of the attempt that left no checkpoint would otherwise appear twice
     summary = trainer.fit()
     trainer.close()
