@@ -55,7 +55,8 @@ data = DictDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids), "l
 tc = TrainConfig(epochs=12, batch_size=32, progress=False, num_threads=1, log_every_steps=4,
                  optimizer={"name": "adamw", "lr": 3e-3})
 out = Trainer(model, data, tc, test=data, run_dir=sys.argv[1], seed=0).fit()
-assert out["test_acc"] > 0.9, out
+from edgetune.train.distributed import exit_process
+exit_process(0 if out["test_acc"] > 0.9 else 3)
 '''
 
 

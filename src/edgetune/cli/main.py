@@ -119,20 +119,9 @@ def _runtime_failure(err: Exception) -> int:
 
 
 def _exit(code: int) -> None:
-    """Exit with ``code``. A process of a distributed run skips interpreter teardown once its outputs are flushed:
-    tearing down gloo's threads at exit aborts a rank now and then ("terminate called without an active
-    exception"), which torchrun reports as a failed run although every file was written."""
-    import torch.distributed as dist
+    from edgetune.train.distributed import exit_process
 
-    if dist.is_available() and dist.is_initialized():
-        import logging as _logging
-        import os
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)
 
 
 def entry() -> None:

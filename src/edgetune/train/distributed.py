@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "barrier", "init_distributed", "is_distributed", "params_checksum", "ranks_in_sync", "shutdown"]
+__all__ = ["DistInfo", "barrier", "exit_process", "init_distributed", "is_distributed", "params_checksum", "ranks_in_sync", "shutdown"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,23 @@ def shutdown() -> None:
     """
     if is_distributed():
         dist.barrier()
+
+
+def exit_process(code: int = 0) -> None:
+    """End this process with ``code``. In a distributed run, skip interpreter teardown once outputs are flushed:
+    tearing down gloo's threads at exit aborts a rank now and then ("terminate called without an active
+    exception"), which torchrun reports as a failed run although every file was written. Call it last in a
+    script run under torchrun; the ``edgetune`` command does."""
+    import logging as _logging
+    import os
+    import sys
+
+    if is_distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def barrier() -> None:
