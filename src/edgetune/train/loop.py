@@ -413,8 +413,7 @@ class Trainer:
         bar = progress(self.session_steps, st.step - self.session_start,
                        f"train{f' s{self.session}' if self.session else ''}", cfg.progress and self.dist.is_main)
         t0 = self._fit_t0 = time.perf_counter()
-        run: dict[str, torch.Tensor] = {}
-        run_steps = 0
+        run: dict[str, torch.Tensor] = {}  # statistic sums since the last train record
         if self.batch_in_epoch and (self.batch_in_epoch >= self.steps_per_epoch or st.step >= self.total_steps):
             self._end_epoch()  # resumed from a step checkpoint taken after an epoch's last batch, before its end
         while st.step < self.total_steps and st.epoch < self.epochs:
@@ -424,7 +423,6 @@ class Trainer:
                 _add(run, self._train_step(batch))
                 st.step += 1
                 self.batch_in_epoch += 1
-                run_steps += 1
                 bar.update(1)
                 if st.step % cfg.log_every_steps == 0 or st.step == self.total_steps:
                     metrics = self.task.summarize({k: float(v) for k, v in run.items()})
@@ -432,7 +430,7 @@ class Trainer:
                            "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
                     self._log(rec)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "acc")})
-                    run, run_steps = {}, 0
+                    run = {}
                 every = cfg.checkpoint.every_steps
                 if every and st.step % every == 0:
                     self.save_checkpoint()
