@@ -231,7 +231,7 @@ def check_stage(cfg: RunConfig, where: str = "") -> None:
     """Validate what the schema cannot: dataset and architecture options, known model names."""
     from edgetune.data import _loaders  # noqa: F401
     from edgetune.models import _builders  # noqa: F401
-    from edgetune.pipeline.sources import _pretrained_names
+    from edgetune.pipeline.sources import pretrained_names
 
     try:
         ds = DATASETS.entry(cfg.data.name)
@@ -243,7 +243,7 @@ def check_stage(cfg: RunConfig, where: str = "") -> None:
         if m.source_kind == "run" and not Path(m.from_).is_dir():
             raise ConfigError(f"model.from={m.from_!r} does not exist or is not a folder; give the run folder `edgetune run` wrote "
                               "(see its report.md), or stage:NAME for an earlier stage of this recipe")
-        if m.source_kind == "name" and m.name not in _pretrained_names():
+        if m.source_kind == "name" and m.name not in pretrained_names():
             entry = MODELS.entry(m.name)
             if entry.config is not None:
                 validate(entry.config, m.options(), where="model")

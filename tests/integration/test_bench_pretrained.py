@@ -15,11 +15,7 @@ import edgetune.bench.suites  # noqa: F401  (registers the suites)
 from edgetune.bench import run_suite
 from edgetune.bench.hf_parity import hf_order
 from edgetune.bench.pretrained import step_times_s
-from edgetune.models.pretrained.catalog import PRETRAINED, locate
-
-
-def _installed(name: str) -> bool:
-    return locate(PRETRAINED.get(name)) is not None
+from edgetune.models.pretrained.catalog import is_installed
 
 
 def _hf_ready() -> bool:
@@ -30,8 +26,8 @@ def _hf_ready() -> bool:
     return True
 
 
-needs_mobilenet = pytest.mark.skipif(not _installed("mobilenet-v2"), reason="run `make models` (mobilenet-v2)")
-needs_minilm = pytest.mark.skipif(not (_installed("minilm") and _hf_ready()), reason="run `make models` (minilm)")
+needs_mobilenet = pytest.mark.skipif(not is_installed("mobilenet-v2"), reason="run `make models` (mobilenet-v2)")
+needs_minilm = pytest.mark.skipif(not (is_installed("minilm") and _hf_ready()), reason="run `make models` (minilm)")
 
 
 def test_step_times_from_metrics(tmp_path: Path) -> None:

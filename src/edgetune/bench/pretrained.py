@@ -13,7 +13,10 @@ Every variant runs through the recipe pipeline (:func:`edgetune.run`). The linea
 ``model.task: features`` does. Learning rates differ per variant (a head alone takes a larger step than a
 whole network) and are written in each row.
 
-Figures per row: test accuracy after the steps; median time per optimizer step (from the loop's per-step
+- ``smollm2-135m`` on Brown text (``task: lm``, 128-token windows of its own tokenizer): zero-shot perplexity vs
+  its last two transformer blocks and final norm trained for the same data.
+
+Figures per row: test accuracy (and perplexity for the LM) after the steps; median time per optimizer step (from the loop's per-step
 ``time_s`` in ``metrics.jsonl``, logging every step, the first ``WARMUP_STEPS`` dropped); load time of the
 pretrained network (a fresh process: read + sha256 check + build, before training); peak RSS of the whole
 process that ran the variant (``ru_maxrss``; torch and transformers imports included); trainable parameters.
@@ -58,6 +61,8 @@ class Variant:
     model_section: dict[str, Any]
     lr: float
     trainable: tuple[str, ...] | None = None
+    data_options: dict[str, Any] | None = None  # e.g. {"task": "lm"} for language modelling
+    step: str = "train"  # or "evaluate" (zero-shot)
 
     @property
     def key(self) -> str:
@@ -67,6 +72,7 @@ class Variant:
 def _variants(image_size: int, max_length: int) -> list[Variant]:
     text = {"name": "minilm", "max_length": max_length}
     image = {"name": "mobilenet-v2", "image_size": image_size}
+    lm = {"name": "smollm2-135m", "max_length": 2 * max_length}
     return [
         Variant("minilm", "minilm", "probe", "spamassassin", text, 1e-2, ("head",)),
         Variant("minilm", "minilm", "full", "spamassassin", text, 1e-4),
@@ -74,14 +80,18 @@ def _variants(image_size: int, max_length: int) -> list[Variant]:
         Variant("mobilenet-v2", "mobilenet-v2", "full", "fashion-mnist", image, 1e-3),
         Variant("mobilenet-v2", "mobilenet-v2-random", "scratch", "fashion-mnist", {**image, "init": "random"}, 1e-3),
         Variant("mobilenet-v2", "resnet20", "scratch", "fashion-mnist", {"name": "resnet20"}, 1e-3),
+        Variant("smollm2", "smollm2-135m", "zero-shot", "brown", lm, 1e-4, None, {"task": "lm"}, "evaluate"),
+        Variant("smollm2", "smollm2-135m", "last-2-blocks", "brown", lm, 1e-4, LM_TRAINABLE, {"task": "lm"}),
     ]
 
 
+#: the last two transformer blocks and the final norm of SmolLM2 (about 7% of its parameters)
+LM_TRAINABLE = ("model.layers.28.*", "model.layers.29.*", "model.norm.*")
 VARIANTS = tuple(v.key for v in _variants(64, 64))
 
 # (steps, batch, test examples) per group; train examples = steps * batch (one epoch, each example seen once)
-FULL = {"minilm": (60, 16, 400), "mobilenet-v2": (100, 32, 1000)}
-QUICK = {"minilm": (3, 8, 32), "mobilenet-v2": (3, 16, 64)}
+FULL = {"minilm": (60, 16, 400), "mobilenet-v2": (100, 32, 1000), "smollm2": (16, 4, 24)}
+QUICK = {"minilm": (3, 8, 32), "mobilenet-v2": (3, 16, 64), "smollm2": (2, 2, 4)}
 
 
 def recipe_for(v: Variant, steps: int, batch: int, test: int, seed: int, threads: int) -> dict[str, Any]:
@@ -94,13 +104,17 @@ def recipe_for(v: Variant, steps: int, batch: int, test: int, seed: int, threads
     }
     if v.trainable:
         train["trainable"] = list(v.trainable)
-    return {"name": f"bench-{v.model}-{v.variant}", "seed": seed,
-            "data": {"name": v.dataset, "limit_train": steps * batch, "limit_test": test},
+    data: dict[str, Any] = {"name": v.dataset, "limit_train": steps * batch, "limit_test": test}
+    if v.data_options:
+        data["options"] = dict(v.data_options)
+    return {"name": f"bench-{v.model}-{v.variant}", "seed": seed, "step": v.step, "data": data,
             "model": dict(v.model_section), "train": train}
 
 
 def step_times_s(metrics_path: str | Path, warmup: int = WARMUP_STEPS) -> list[float]:
     """Seconds per optimizer step from a run's ``metrics.jsonl`` logged every step (first ``warmup`` dropped)."""
+    if not Path(metrics_path).exists():  # an evaluate-only run trains no step
+        return []
     recs = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     times = [(r["step"], r["time_s"]) for r in recs if r.get("kind") == "train" and "time_s" in r]
     times.sort()
@@ -132,7 +146,8 @@ def run_variant(recipe: dict[str, Any], variant: dict[str, Any], run_dir: str | 
     from edgetune.core.seed import seed_everything
 
     v = Variant(**{**variant, "trainable": tuple(variant["trainable"]) if variant.get("trainable") else None})
-    num_classes = 2 if v.dataset == "spamassassin" else 10
+    lm = (v.data_options or {}).get("task") == "lm"
+    num_classes = None if lm else 2 if v.dataset == "spamassassin" else 10
     load_s = _load_seconds(v, num_classes)
     seed_everything(int(recipe["seed"]))  # the load above drew from the global RNG (new head)
     cfg = edgetune.load_recipe(recipe, [])
@@ -140,7 +155,8 @@ def run_variant(recipe: dict[str, Any], variant: dict[str, Any], run_dir: str | 
     s = res.summary
     per = step_times_s(Path(run_dir) / "metrics.jsonl")
     return {
-        "test_acc": s.get("test_acc"), "test_loss": s.get("test_loss"), "steps": s.get("steps"),
+        "test_acc": s.get("test_acc"), "test_loss": s.get("test_loss"), "test_ppl": s.get("test_ppl"),
+        "steps": s.get("steps"),
         "train_examples": s.get("train_examples"), "step_time_ms_median": statistics.median(per) * 1e3 if per else None,
         "step_time_ms_min": min(per) * 1e3 if per else None, "timed_steps": len(per), "load_s": load_s,
         "peak_rss_mb": s.get("peak_rss_mb"), "trainable_parameters": s.get("trainable_parameters"),
@@ -177,7 +193,7 @@ def _as_list(v: Any) -> list[Any]:
 
 @register_suite(
     "pretrained",
-    summary="MiniLM / MobileNetV2: linear probe vs full fine-tune vs from scratch (accuracy, step time, load, RSS)",
+    summary="MiniLM / MobileNetV2 / SmolLM2: probe vs fine-tune vs scratch (accuracy or ppl, step time, load, RSS)",
     options={"only": "variants to run, e.g. [minilm/probe, resnet20/scratch] (default all)",
              "image_size": "MobileNetV2 input side in px (default 64; quick 32)",
              "max_length": "MiniLM tokens per text (default 64; quick 32)",
@@ -206,12 +222,13 @@ def _pretrained_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         recipe = recipe_for(v, steps, batch, test, ctx.seed, threads)
         run_dir = Path(ctx.out_dir) / f"{v.model}-{v.variant}"
         variant = {"group": v.group, "model": v.model, "variant": v.variant, "dataset": v.dataset,
-                   "model_section": v.model_section, "lr": v.lr, "trainable": list(v.trainable or [])}
+                   "model_section": v.model_section, "lr": v.lr, "trainable": list(v.trainable or []),
+                   "data_options": v.data_options, "step": v.step}
         log.info("pretrained: %s on %s (%d steps x %d)%s", v.key, v.dataset, steps, batch,
                  " in its own process" if isolate else "")
         fig = _run_isolated(recipe, variant, run_dir, threads) if isolate else run_variant(recipe, variant, run_dir)
         yield {"group": v.group, "model": v.model, "variant": v.variant, "dataset": v.dataset,
-               "input": f"{max_length} tokens" if v.model == "minilm" else
+               "input": f"{v.model_section['max_length']} tokens" if "max_length" in v.model_section else
                f"{v.model_section.get('image_size') or 28} px",
                "batch_size": batch, "lr": v.lr, "test_examples": test, **fig,
                "rss_scope": "own process" if isolate else "process-wide high-water mark",
@@ -234,20 +251,21 @@ def pretrained_table(csv_path: str | Path) -> str:
     latest: dict[tuple[str, ...], dict[str, str]] = {}
     for r in rows:  # later rows win
         latest[(r.get("group", ""), r["model"], r["variant"], r.get("input", ""))] = r
-    order = {"probe": 0, "full": 1, "scratch": 2}
-    lines = [("| group | model | variant | data | input | train ex. | steps | batch | lr | test acc | "
+    order = {"probe": 0, "full": 1, "scratch": 2, "zero-shot": 0, "last-2-blocks": 1}
+    lines = [("| group | model | variant | data | input | train ex. | steps | batch | lr | test acc | test ppl | "
               "step (ms, median / min) | load (s) | peak RSS (MB) | trainable params | threads | git | date |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (_g, _m, _v, _i), r in sorted(latest.items(), key=lambda kv: (kv[0][0], order.get(kv[0][2], 9))):
         lines.append(
             f"| {r.get('group', '')} | {r['model']} | {r['variant']} | {r['dataset']} | {r.get('input', '')} | "
             f"{r.get('train_examples', '')} | {r.get('steps', '')} | {r.get('batch_size', '')} | {r.get('lr', '')} | "
-            f"{_f(r.get('test_acc'), '.4f')} | {_f(r.get('step_time_ms_median'), '.0f')} / {_f(r.get('step_time_ms_min'), '.0f')} | "
+            f"{_f(r.get('test_acc'), '.4f')} | {_f(r.get('test_ppl'), '.1f')} | {_f(r.get('step_time_ms_median'), '.0f')} / {_f(r.get('step_time_ms_min'), '.0f')} | "
             f"{_f(r.get('load_s'), '.2f')} | "
             f"{_f(r.get('peak_rss_mb'), '.0f')} | {r.get('trainable_parameters', '')} | {r.get('torch_threads', '')} | "
             f"{(r.get('git_sha') or '')[:8]} | {(r.get('timestamp_utc') or '')[:16]} |")
     note = ("\nLinear probe = only the new head trains (`train.trainable: [head]`); full = every parameter; "
-            "scratch = random init (MobileNetV2 at the same size and input; resnet20 at 28 px). Same seed, data subset, batch and steps within a group. "
+            "scratch = random init (MobileNetV2 at the same size and input; resnet20 at 28 px); SmolLM2: causal LM on Brown "
+            "text in 128-token windows, zero-shot vs its last two blocks trained (test acc = next-token accuracy). Same seed, data subset, batch and steps within a group. "
             "Step time: median (and fastest) over the run's steps after the first two (per-step `time_s` of "
             "metrics.jsonl); a median far above the minimum means the shared machine was busy. "
             "Load: read + sha256 + build in a fresh process. Peak RSS: the variant's own process when "

@@ -19,7 +19,7 @@ from edgetune.core.freeze import find_head, replace_head_
 from edgetune.models.base import MODELS, ModelSpec, build_model
 from edgetune.models.source import LoadedModel
 
-__all__ = ["StageModels", "load_model_source", "loop_task"]
+__all__ = ["StageModels", "load_model_source", "loop_task", "pretrained_names"]
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,10 @@ def loop_task(model_task: str | None, data_task: str) -> str:
     return model_task
 
 
-def _pretrained_names() -> list[str]:
-    try:
-        from edgetune.models.pretrained import PRETRAINED
-    except ImportError:  # pragma: no cover - the package ships with edgetune
-        return []
+def pretrained_names() -> list[str]:
+    """Short names of the pretrained networks (``model.name``), installed or not."""
+    from edgetune.models.pretrained import PRETRAINED
+
     return list(PRETRAINED.names())
 
 
@@ -53,7 +52,7 @@ def _source_task(section, spec: ModelSpec) -> str:
 def _from_name(section, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from edgetune.models import _builders  # noqa: F401  (registers the built-in architectures)
 
-    if section.name in _pretrained_names():
+    if section.name in pretrained_names():
         from edgetune.models.pretrained import load_pretrained
 
         task = _source_task(section, spec)
@@ -65,7 +64,7 @@ def _from_name(section, spec: ModelSpec, device: torch.device) -> LoadedModel:
     if section.name not in MODELS:
         from edgetune.core.errors import did_you_mean
 
-        names = sorted([*MODELS.names(), *_pretrained_names()])
+        names = sorted([*MODELS.names(), *pretrained_names()])
         raise ConfigError(f"model.name={section.name!r} is neither a registered architecture nor a pretrained "
                           f"network.{did_you_mean(section.name, names)} Known: {', '.join(names)} "
                           "(see `edgetune ls models`).")

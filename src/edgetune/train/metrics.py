@@ -34,10 +34,6 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
-    def count(self) -> int:
-        """Records in the file (a checkpoint stores it, so a resume keeps exactly the records written before it)."""
-        return len(read_metrics(self.path)) if self.path.exists() else 0
-
     def truncate_to(self, n: int) -> None:
         """Keep the first ``n`` records (those written before the checkpoint a run resumes from)."""
         if not self.path.exists():

@@ -14,13 +14,9 @@ from torch import nn
 
 from edgetune.core.errors import ShapeError
 from edgetune.models.pretrained import PRETRAINED, ImageTransform, MobileNetV2, load_pretrained
-from edgetune.models.pretrained.catalog import locate
+from edgetune.models.pretrained.catalog import is_installed, locate
 from edgetune.models.pretrained.image_transform import IMAGENET_MEAN, IMAGENET_STD
 from edgetune.models.pretrained.weights import load_weight_file
-
-
-def _installed(name: str) -> bool:
-    return locate(PRETRAINED.get(name)) is not None
 
 
 def _hf_ready() -> bool:
@@ -33,13 +29,13 @@ def _hf_ready() -> bool:
 
 
 needs_mobilenet = pytest.mark.skipif(
-    not _installed("mobilenet-v2"), reason="run `make models` (mobilenet-v2)"
+    not is_installed("mobilenet-v2"), reason="run `make models` (mobilenet-v2)"
 )
 needs_minilm = pytest.mark.skipif(
-    not (_installed("minilm") and _hf_ready()), reason="run `make models` (minilm)"
+    not (is_installed("minilm") and _hf_ready()), reason="run `make models` (minilm)"
 )
 needs_smollm2 = pytest.mark.skipif(
-    not (_installed("smollm2-135m") and _hf_ready()), reason="run `make models`"
+    not (is_installed("smollm2-135m") and _hf_ready()), reason="run `make models`"
 )
 
 

@@ -10,6 +10,7 @@ from edgetune.models.pretrained.catalog import (
     PRETRAINED,
     PretrainedSpec,
     PretrainedStatus,
+    is_installed,
     load_pretrained,
     pretrained_status,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "MobileNetV2",
     "PretrainedSpec",
     "PretrainedStatus",
+    "is_installed",
     "load_hf",
     "load_mobilenet_v2",
     "load_pretrained",

@@ -25,6 +25,7 @@ __all__ = [
     "PRETRAINED",
     "PretrainedSpec",
     "PretrainedStatus",
+    "is_installed",
     "load_pretrained",
     "locate",
     "pretrained_status",
@@ -106,6 +107,11 @@ def _installed_version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def is_installed(name: str) -> bool:
+    """Whether the package holding pretrained network ``name`` is installed (its checksum is checked on load)."""
+    return locate(PRETRAINED.get(name)) is not None
 
 
 def pretrained_status() -> list[PretrainedStatus]:
