@@ -268,10 +268,9 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, *, resume: bool = Fal
             from edgetune.report import write_report as _write
 
             report = _write(run_dir)
-    if summary.get("world_size", 1) > 1 or any(s.get("world_size", 1) > 1 for s in summary.get("stages", {}).values()):
-        from edgetune.train.distributed import shutdown
+    from edgetune.train.distributed import shutdown
 
-        shutdown()
+    shutdown()  # waits for every rank in a distributed run; nothing otherwise
     return RunResult(run_dir=run_dir, summary=summary, report=report)
 
 
