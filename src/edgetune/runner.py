@@ -231,7 +231,8 @@ def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: 
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     ctx = SectionContext(total_steps=total, steps_per_epoch=steps_per_epoch, epochs=cfg.train.epochs, device=device,
-                         seed=cfg.seed, run_dir=stage_dir, sample_inputs=_inputs_sampler(bundle, transform, device))
+                         seed=cfg.seed, run_dir=stage_dir, sample_inputs=_inputs_sampler(bundle, transform, device),
+                         head=loaded.head if loaded.task == "classification" else None)
     callbacks = _apply_sections(loaded.model, cfg, ctx)
     entry = STEPS.entry(cfg.step)
     step_ctx = StepContext(loaded=loaded, data=bundle, cfg=cfg, device=device, run_dir=stage_dir, task=loaded.task,
@@ -386,7 +387,8 @@ def _load_run_model(run_dir: Path, device: str, with_data: bool | None) -> Loade
     dev = torch.device(device)
     loaded = load_model_source(cfg.model, spec, dev, stages=stages, generator=torch.Generator().manual_seed(cfg.seed))
     loaded.task = loop_task(cfg.model.task, spec.task)
-    ctx = SectionContext(total_steps=1, steps_per_epoch=1, epochs=1, device=dev, seed=cfg.seed, run_dir=None)
+    ctx = SectionContext(total_steps=1, steps_per_epoch=1, epochs=1, device=dev, seed=cfg.seed, run_dir=None,
+                         head=loaded.head if loaded.task == "classification" else None)
     _apply_sections(loaded.model, cfg, ctx)
     try:
         state = load_tensors(weights, device=device)

@@ -41,7 +41,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, protected_namespaces=())
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        return self.model_dump(mode="json", by_alias=True, serialize_as_any=True)
 
     def replace(self, **changes: Any) -> Self:
         """Return a validated copy with ``changes`` applied."""

@@ -35,6 +35,8 @@ class SectionContext:
     #: ``fn(n=None) -> Tensor``: the first positional input of the first n training examples (all when None),
     #: preprocessed as the model sees it; for data-driven initialisations. None when there is no data.
     sample_inputs: Callable[[int | None], Any] | None = None
+    #: qualified name of the model's classification head (None for other tasks)
+    head: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

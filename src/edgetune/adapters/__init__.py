@@ -1,0 +1,34 @@
+"""Low-rank adapters: LoRA and its variants on any ``nn.Module``, with merge/unmerge and PEFT-format files.
+
+Each method is one file that registers its adapter module and config in :data:`ADAPTERS`; a method with
+training-time state (a chain of links, a sampled rank, a gate's proximal step) gives callbacks through
+:func:`adapter_callbacks`, which edgetune's loop, :class:`edgetune.integrations.MethodStepper` and the Hugging
+Face ``Trainer`` callback all drive.
+"""
+
+from __future__ import annotations
+
+from edgetune.adapters import lora  # noqa: F401  (registration; each method file registers itself)
+from edgetune.adapters.callbacks import adapter_callbacks
+from edgetune.adapters.config import ADAPTERS, AdapterConfig
+from edgetune.adapters.layer import AdapterLayer, LayerInfo
+from edgetune.adapters.lora import LoraAdapter, LoraConfig
+from edgetune.adapters.model import (
+    adapter_configs,
+    adapter_layers,
+    adapter_names,
+    adapter_report,
+    adapter_state_dict,
+    add_adapter_,
+    disable_adapters,
+    load_adapter_state_,
+    merge_,
+    remove_adapters_,
+    set_active_adapters_,
+    unmerge_,
+)
+
+__all__ = ["ADAPTERS", "AdapterConfig", "AdapterLayer", "LayerInfo", "LoraAdapter", "LoraConfig",
+           "adapter_callbacks", "adapter_configs", "adapter_layers", "adapter_names", "adapter_report",
+           "adapter_state_dict", "add_adapter_", "disable_adapters", "load_adapter_state_", "merge_",
+           "remove_adapters_", "set_active_adapters_", "unmerge_"]
