@@ -147,8 +147,13 @@ class LoraAdapter(nn.Module):
         w = layer.base_weight()
         w.sub_(self.delta_weight().to(w.dtype))
 
-    def adapter_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def as_lora(self) -> tuple[Tensor, Tensor, float]:
+        """``(A, B, scale)`` in LoRA's layout that compute this adapter's current update (what a PEFT file holds).
+
+        Variants whose trained state is not a plain pair (a chain's links, a gate, a sampled rank) return the
+        equivalent plain LoRA, whose rank may differ from ``cfg.rank``.
+        """
+        return self.lora_A.detach(), self.lora_B.detach(), self.scale
 
 
 ADAPTERS.add("lora", LoraAdapter, config=LoraConfig, summary="LoRA (Hu et al. 2021): W + (alpha/r) B A")
