@@ -213,6 +213,8 @@ def unmerge_(model: nn.Module, names: Sequence[str] | str | None = None) -> nn.M
     """Subtract the update of each named adapter (default: every merged one) from its layers' weights."""
     layers = adapter_layers(model)
     merged = [n for n in adapter_names(model) if any(n in lay.merged for _, lay in layers)]
+    if names is None and not merged:
+        raise ConfigError(f"no adapter is merged, so there is nothing to unmerge; adapters {adapter_names(model)} are not merged")
     names = _names(model, names, merged)
     missing = [n for n in names if n not in merged]
     if missing:
