@@ -9,7 +9,7 @@ from torch import nn
 import edgetune.adapters  # noqa: F401  (registers the adapter methods)
 from edgetune.adapters.config import AdapterConfig
 from edgetune.core.hooks import Callback
-from edgetune.core.plugins import SAVERS
+from edgetune.core.plugins import EXPORTS, SAVERS, ExportFormat
 from edgetune.core.sections import SectionContext, register_section
 
 
@@ -31,3 +31,26 @@ def _save(model: nn.Module, cfg: AdapterConfig, folder: Path) -> list[Path]:
 
 SAVERS.add("adapter", _save, summary="the adapter alone: adapter/adapter_config.json + adapter_model.safetensors "
                                      "(PEFT's layout)")
+
+
+def _has_adapter(cfg: object) -> bool:
+    return getattr(cfg, "adapter", None) is not None
+
+
+def _merged(run: object, run_dir: Path, out_dir: Path | None) -> dict:
+    from edgetune.adapters.export import export_merged
+
+    return export_merged(run, run_dir, out_dir)
+
+
+def _peft(run: object, run_dir: Path, out_dir: Path | None) -> dict:
+    from edgetune.adapters.export import export_peft
+
+    return export_peft(run, run_dir, out_dir)
+
+
+EXPORTS.add("adapter-merged", ExportFormat(export=_merged, applies=_has_adapter),
+            summary="adapters merged into the weights and taken off: the base architecture at the base's speed "
+                    "(model.safetensors, and hf/ for a Hugging Face network)")
+EXPORTS.add("adapter-peft", ExportFormat(export=_peft, applies=lambda cfg: False),
+            summary="the adapter alone in PEFT's layout (adapter_config.json + adapter_model.safetensors)")
