@@ -13,7 +13,7 @@ from edgetune.adapters.config import ADAPTERS
 from edgetune.core.errors import ConfigError
 from edgetune.core.hooks import Callback
 
-__all__ = ["adapter_callbacks"]
+__all__ = ["AdapterReport", "adapter_callbacks"]
 
 
 def adapter_callbacks(model: nn.Module, name: str = "default", *, total_steps: int,
@@ -28,3 +28,23 @@ def adapter_callbacks(model: nn.Module, name: str = "default", *, total_steps: i
     if make is None:
         return []
     return list(make(model, cfg, int(total_steps), int(steps_per_epoch or total_steps)))
+
+
+class AdapterReport(Callback):
+    """Reports an adapter's size beside the run's metrics: parameters, trainable ones, bytes, optimizer state."""
+
+    name = "adapter-report"
+
+    def __init__(self, model: nn.Module, adapter: str) -> None:
+        self.model, self.adapter = model, adapter
+
+    def metrics(self) -> dict[str, float]:
+        from edgetune.adapters.model import adapter_report
+
+        rep = adapter_report(self.model)
+        row = rep["adapters"].get(self.adapter, {})
+        return {"adapter_parameters": float(row.get("parameters", 0)),
+                "adapter_trainable": float(row.get("trainable", 0)),
+                "adapter_bytes": float(row.get("bytes", 0)),
+                "adapter_trainable_fraction": float(rep["trainable_fraction"]),
+                "optimizer_state_bytes": float(rep["optimizer_state_bytes"])}

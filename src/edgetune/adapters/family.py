@@ -16,11 +16,12 @@ from edgetune.core.sections import SectionContext, register_section
 @register_section("adapter", config=AdapterConfig,
                   summary="low-rank adapters (LoRA, RAC-LoRA, chain, asymmetric, DyLoRA, SoRA, LoRA-FA, DoRA)")
 def apply_adapter(model: nn.Module, cfg: AdapterConfig, ctx: SectionContext) -> list[Callback]:
-    from edgetune.adapters.callbacks import adapter_callbacks
+    from edgetune.adapters.callbacks import AdapterReport, adapter_callbacks
     from edgetune.adapters.model import add_adapter_
 
     add_adapter_(model, cfg, seed=cfg.seed if cfg.seed is not None else ctx.seed, head=ctx.head)
-    return adapter_callbacks(model, cfg.name, total_steps=ctx.total_steps, steps_per_epoch=ctx.steps_per_epoch)
+    return [*adapter_callbacks(model, cfg.name, total_steps=ctx.total_steps, steps_per_epoch=ctx.steps_per_epoch),
+            AdapterReport(model, cfg.name)]
 
 
 def _save(model: nn.Module, cfg: AdapterConfig, folder: Path) -> list[Path]:
