@@ -42,6 +42,9 @@ class AdapterConfig(Config):
     trainable: extra parameters kept trainable beside the adapter's (patterns, or ``head`` for the model's
         classification head). None: the head of a classification model, nothing otherwise.
     seed: seed of the adapter's random initialisation (default: the run's seed).
+    rank_pattern / alpha_pattern: rank / alpha of single layers, by exact layer path, where they differ from
+        ``rank`` / ``alpha`` (what :func:`edgetune.adapters.io.load_adapter_` sets for a file whose layers differ,
+        like PEFT's fields of the same names).
     """
 
     method: str = "lora"
@@ -55,6 +58,8 @@ class AdapterConfig(Config):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     trainable: list[str] | None = None
     seed: int | None = Field(default=None, ge=0)
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -89,6 +94,20 @@ class AdapterConfig(Config):
         if not v:
             raise ValueError(f"kinds is empty; name at least one of {', '.join(KINDS)} (or a module class name)")
         return [k.lower() if k.lower() in KINDS else k for k in v]
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"per-layer ranks and alphas must be positive, got {bad}")
+        return v
+
+    def for_layer(self, path: str) -> AdapterConfig:
+        """The config the adapter of the layer at ``path`` is built with (its rank / alpha from the patterns)."""
+        changes = {k: v for k, v in (("rank", self.rank_pattern.get(path)), ("alpha", self.alpha_pattern.get(path)))
+                   if v is not None}
+        return self.model_copy(update=changes) if changes else self
 
     @property
     def scale(self) -> float:

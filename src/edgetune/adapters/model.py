@@ -128,6 +128,10 @@ def add_adapter_(model: nn.Module, cfg: AdapterConfig | None = None, *, name: st
     chosen, adaptable = _candidates(model, cfg)
     if not chosen:
         raise _no_match(model, cfg, adaptable)
+    unknown = sorted((set(cfg.rank_pattern) | set(cfg.alpha_pattern)) - {path for path, _ in chosen})
+    if unknown:
+        raise ConfigError(f"adapter rank_pattern / alpha_pattern name layers that the targets do not select: "
+                          f"{unknown[:5]}; give exact paths of targeted layers, e.g. {chosen[0][0]!r}")
     cls = ADAPTERS.get(cfg.method)
     gen = torch.Generator().manual_seed(seed if seed is not None else (cfg.seed or 0))
     built: list[tuple[str, nn.Module, Any]] = []
@@ -135,7 +139,7 @@ def add_adapter_(model: nn.Module, cfg: AdapterConfig | None = None, *, name: st
         base = m.base_layer if isinstance(m, AdapterLayer) else m
         info = m.info if isinstance(m, AdapterLayer) else layer_info(m)
         try:
-            ad = cls(info, cfg, gen, _reference_tensor(base))
+            ad = cls(info, cfg.for_layer(path), gen, _reference_tensor(base))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
         if info.kind == "embedding":
