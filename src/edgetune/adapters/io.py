@@ -148,19 +148,17 @@ def peft_target_modules(adapted: Sequence[str], modules: Sequence[str]) -> list[
 
 
 def alpha_for_scale(scale: float, rank: int, rslora: bool = False) -> float:
-    """An alpha whose PEFT scale (``alpha / r``, or ``alpha / sqrt(r)``) is exactly ``scale`` (a whole number
-    when one is exact); the nearest float when no float is exact."""
+    """An alpha whose PEFT scale (``alpha / r``, or ``alpha / sqrt(r)``) is ``scale``: exactly when a float does it
+    (a whole number when one does), else the nearest (one float64 ulp away, the same once cast to float32)."""
     denom = math.sqrt(rank) if rslora else float(rank)
     alpha = scale * denom
     if float(round(alpha)) / denom == scale:
         return float(round(alpha))
-    best, lo, hi = alpha, alpha, alpha
+    cands, lo, hi = [alpha], alpha, alpha
     for _ in range(16):  # a few ulps either side
-        for cand in (lo, hi):
-            if cand / denom == scale:
-                return cand
         lo, hi = math.nextafter(lo, -math.inf), math.nextafter(hi, math.inf)
-    return best
+        cands += [lo, hi]
+    return min(cands, key=lambda c: abs(c / denom - scale))
 
 
 def expand_grouped(a: Tensor, groups: int) -> Tensor:
