@@ -56,6 +56,7 @@ from edgetune.adapters.model import (
     load_adapter_state_,
     remove_adapters_,
 )
+from edgetune.core.config import validate
 from edgetune.core.errors import CheckpointError, ConfigError, ShapeError
 from edgetune.core.state import atomic_write_bytes, save_tensors
 
@@ -456,11 +457,11 @@ def _new_config(name: str, conf: Mapping[str, Any], plan: Mapping[str, dict[str,
     per = {_join(prefix, p): (e["rank"], alpha_for_scale(e["scale"], e["rank"], rslora)) for p, e in plan.items()}
     r = Counter(v[0] for v in per.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in per.values()).most_common(1)[0][0]
-    return AdapterConfig.model_validate({
+    return validate(AdapterConfig, {
         "method": method, "name": name, "rank": r, "alpha": alpha, "rslora": rslora, "targets": list(per),
         "kinds": sorted({e["info"].kind for e in plan.values()}), "dropout": float(conf.get("lora_dropout") or 0.0),
         "rank_pattern": {p: v[0] for p, v in per.items() if v[0] != r},
-        "alpha_pattern": {p: v[1] for p, v in per.items() if v[1] != alpha}})
+        "alpha_pattern": {p: v[1] for p, v in per.items() if v[1] != alpha}}, where="the adapter file's options")
 
 
 def _check_existing(model: nn.Module, name: str, cfg: AdapterConfig, conf: Mapping[str, Any],

@@ -284,6 +284,7 @@ def _refused(model: nn.Module, folder: Path, error: type[Exception], match: str,
     ({"modules_to_save": ["classifier"]}, r"modules_to_save=\['classifier'\]"),
     ({"use_dora": True}, r"DoRA magnitude None vs use_dora=True"),
     ({"r": 3}, r"inconsistent.*config rank 3, tensors rank 2"),
+    ({"lora_dropout": 1.5}, r"adapter file's options.dropout: Input should be less than 1"),
 ])
 def test_unsupported_options_are_refused(conf: dict[str, Any], match: str, tmp_path: Path) -> None:
     folder = _write(tmp_path / "f", _peft_conf(**conf), _linear_tensors())
