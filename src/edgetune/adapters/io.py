@@ -61,7 +61,7 @@ from edgetune.core.errors import CheckpointError, ConfigError, ShapeError
 from edgetune.core.state import atomic_write_bytes, save_tensors
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "alpha_for_scale", "collapse_grouped", "expand_grouped", "hf_root",
-           "load_adapter_", "parse_peft_key", "pattern_value", "peft_key", "peft_target_modules", "save_adapter"]
+           "load_adapter_", "parse_peft_key", "pattern_key", "pattern_value", "peft_key", "peft_target_modules", "save_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,14 @@ def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
+
+
+def pattern_key(path: str, paths: Sequence[str]) -> str:
+    """The ``rank_pattern`` / ``alpha_pattern`` key for ``path`` that PEFT matches to it alone among ``paths``: the
+    path itself (as PEFT writes them) unless, read as PEFT's regex, it also matches another path; then anchored."""
+    if any(re.match(rf"(.*\.)?({path})$", other) for other in paths if other != path):
+        return "^" + re.escape(path)
+    return path
 
 
 def peft_target_modules(adapted: Sequence[str], modules: Sequence[str]) -> list[str]:
@@ -276,8 +284,9 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str = "default") ->
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
         "use_rslora": cfg.rslora,
         "target_modules": peft_target_modules(list(ranks), modules),
-        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {p: (int(v) if v.is_integer() else v) for p, v in alphas.items() if v != alpha},
+        "rank_pattern": {pattern_key(p, list(ranks)): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {pattern_key(p, list(ranks)): (int(v) if v.is_integer() else v) for p, v in alphas.items()
+                          if v != alpha},
         "lora_dropout": cfg.dropout,
         "bias": "none",
         "fan_in_fan_out": False,

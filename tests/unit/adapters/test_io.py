@@ -35,6 +35,7 @@ from edgetune.adapters.io import (
     expand_grouped,
     load_adapter_,
     parse_peft_key,
+    pattern_key,
     pattern_value,
     peft_key,
     peft_target_modules,
@@ -152,6 +153,14 @@ def test_pattern_value_follows_peft_matching() -> None:
     assert pattern_value(patterns, "model.layers.2.xq", 8) == 8  # a suffix only at a "." boundary
     assert pattern_value({"^block.0": 1}, "block.0", 2) == 1
     assert pattern_value({}, "anything", 4) == 4
+
+
+def test_pattern_keys_select_one_layer_each() -> None:
+    paths = ["0", "1.0", "block.0", "block_0", "enc.q"]
+    keys = {p: pattern_key(p, paths) for p in paths}
+    assert keys == {"0": "^0", "1.0": "1.0", "block.0": "^block\\.0", "block_0": "block_0", "enc.q": "enc.q"}
+    for p, key in keys.items():  # under PEFT's rule each key picks its own path and no other
+        assert [q for q in paths if pattern_value({key: 1}, q, 0)] == [p]
 
 
 def test_target_modules_short_names_only_when_exact() -> None:
