@@ -27,19 +27,18 @@ from edgetune.adapters import (
     adapter_layers,
     add_adapter_,
 )
-from edgetune.adapters.io import (
+from edgetune.adapters.io import load_adapter_, save_adapter
+from edgetune.adapters.peft_format import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     alpha_for_scale,
     collapse_grouped,
     expand_grouped,
-    load_adapter_,
     parse_peft_key,
     pattern_key,
     pattern_value,
     peft_key,
     peft_target_modules,
-    save_adapter,
 )
 from edgetune.core.errors import CheckpointError, ConfigError, ShapeError
 
