@@ -204,6 +204,26 @@ def test_tiny_bert_inside_a_classifier_maps_to_the_plain_bert(tmp_path: Path) ->
         _close(back.features.encoder(input_ids=ids).last_hidden_state, want, base)
 
 
+def test_tiny_bert_adapter_on_the_head_keeps_whole_model_paths(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    """An adapter reaching outside the HF model (the wrapper's head) is written with the whole model's paths."""
+    bert = _tiny_bert()
+    ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(8)
+    head = nn.Linear(32, 3)
+    model = FeatureClassifier(copy.deepcopy(bert), copy.deepcopy(head)).eval()
+    add_adapter_(model, AdapterConfig.model_validate({"rank": 2, "alpha": 2, "targets": ["query", "head"]}))
+    _randomize_edgetune(model, 0.1)
+    with torch.no_grad():
+        want, base = model(input_ids=ids), FeatureClassifier(copy.deepcopy(bert), copy.deepcopy(head))(input_ids=ids)
+    save_adapter(model, tmp_path / "ad")
+    assert "outside the Hugging Face model" in caplog.text
+    back = load_adapter_(FeatureClassifier(copy.deepcopy(bert), copy.deepcopy(head)), tmp_path / "ad")
+    assert "head" in adapter_configs(back)["default"].targets
+    with torch.no_grad():
+        _close(back.eval()(input_ids=ids), want, base)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_llama_both_ways(method: str, tmp_path: Path) -> None:
     llama = _tiny_llama()
