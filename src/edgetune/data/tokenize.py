@@ -192,7 +192,11 @@ def tokenize_lm_split(ds: TextDataset, tokenizer: Any, block: int) -> DictDatase
 
 
 def _tokenize_lm_bundle(bundle: DataBundle, splits: dict[str, Any], tok: Any, block: int) -> DataBundle:
-    out = {k: tokenize_lm_split(v, tok, block) if v is not None else None for k, v in splits.items()}
+    def one(v: Any) -> DictDataset:  # a split of prompt/answer pairs tokenizes itself (edgetune.data.instructions)
+        own = getattr(v, "tokenize_lm", None)
+        return own(tok, block) if callable(own) else tokenize_lm_split(v, tok, block)
+
+    out = {k: one(v) if v is not None else None for k, v in splits.items()}
     note = f"tokenized with {_tokenizer_name(tok)} (vocabulary {len(tok)}) into {block}-token windows"
     log.info("dataset %s: %s: %d train, %d test windows", bundle.name, note, len(out["train"]), len(out["test"]))
     return dataclasses.replace(bundle, train=out["train"], val=out["val"], test=out["test"], input_shape=(block,),

@@ -79,3 +79,6 @@ def _evaluate(ctx: StepContext) -> dict[str, Any]:
                          transform=ctx.transform)
             out.update({f"{split}_{k}": v for k, v in r.items()})
     return out
+
+
+from edgetune.pipeline import generation_step  # noqa: F401  (registers evaluate-generation)
