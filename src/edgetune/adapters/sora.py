@@ -8,9 +8,13 @@ other factors, and after every optimizer step a proximal (soft-threshold) step f
     g <- sign(g) * max(|g| - eta * lambda, 0)
 
 where ``eta`` is the current learning rate of the gate's parameter group and ``lambda`` is ``sparsity_lambda``
-(optionally swept linearly to ``lambda_end`` over training: the paper's sparsifying scheduler). Gates reach
-exactly zero; :func:`prune_sora_` then removes the zeroed ranks of each layer, leaving a smaller LoRA (ranks may
-differ between layers) whose output equals the gated one. :meth:`SoraAdapter.as_lora` gives the gate-folded plain
+(optionally swept linearly to ``lambda_end`` over training: the paper's sparsifying scheduler, which its code
+steps through a list of values). The authors' code thresholds each step by a fixed ``lambda_2`` instead of
+``lr * lambda`` (3e-4 at lr 8e-4 in their GLUE runs, hence the default ``lambda = 0.4``); under a constant learning
+rate the two agree with ``lambda = lambda_2 / lr``. With Adam a gate moves by about ``lr`` per step at most, so a gate
+whose normalised gradient stays below ``lambda`` shrinks to zero. (That code also draws the gate from N(0, 1);
+ones, as here, start every rank open.) Gates reach exactly zero; :func:`prune_sora_` then removes the zeroed ranks
+of each layer, leaving a smaller LoRA (ranks may differ between layers) whose output equals the gated one. :meth:`SoraAdapter.as_lora` gives the gate-folded plain
 LoRA ``(A[k], B[:, k] * g[k], s)`` over the non-zero ranks ``k``. An optimizer with weight decay on the gate adds
 its own shrinkage on top of the proximal step.
 """
@@ -39,13 +43,14 @@ log = logging.getLogger(__name__)
 class SoraConfig(AdapterConfig):
     """SoRA (Ding et al. 2023): LoRA with a gate ``g`` on its ranks, made sparse by a proximal L1 step.
 
-    sparsity_lambda: the L1 weight ``lambda`` (the threshold of a step is ``lr * lambda``). lambda_schedule:
+    sparsity_lambda: the L1 weight ``lambda`` (the threshold of a step is ``lr * lambda``; with Adam, gates whose
+    normalised gradient stays below it die; 0 turns the gate into a plain trained scale). lambda_schedule:
     ``constant``, or ``linear`` from ``sparsity_lambda`` to ``lambda_end`` over the training session (sweeps the
     sparsity, as the paper's sparsifying scheduler does).
     """
 
     method: Literal["sora"] = "sora"
-    sparsity_lambda: float = Field(default=1e-3, ge=0)
+    sparsity_lambda: float = Field(default=0.4, ge=0)
     lambda_schedule: Literal["constant", "linear"] = "constant"
     lambda_end: float | None = Field(default=None, ge=0)
 
