@@ -226,7 +226,8 @@ class DyLoraSampler(Callback):
 
     The rank of the coming step is drawn at the start of training and after each optimizer step; its state (the
     generator and that rank) makes a resumed run draw the same ranks. Around each optimizer step it keeps the
-    components the step does not train as they were. ``metrics()``: the mean rank drawn this epoch.
+    components the step does not train as they were (a copy of the factors lives during the step; a loop that
+    fires no ``before_optimizer_step`` skips this). ``metrics()``: the mean rank drawn this epoch.
     """
 
     name = "dylora"
