@@ -127,8 +127,8 @@ def frozen_projection(info: LayerInfo, x: Tensor, a: Tensor, p: float = 0.0, see
 def lora_fa_update(info: LayerInfo, x: Tensor, a: Tensor, b: Tensor, scale: float, p: float = 0.0,
                    seed: int | None = None) -> Tensor:
     """``s * B A dropout(x)`` with ``A`` frozen: the adapter's additive output, of the base layer's output shape."""
-    h = frozen_projection(info, x, a, p, seed)  # (..., r) or (N, r, H', W'); what B's gradient keeps
-    return (F.linear(h, b) if info.kind == "linear" else F.conv2d(h, b)) * scale
+    h = frozen_projection(info, x, a, p, seed) * scale  # (..., r) or (N, r, H', W'): what B's gradient keeps
+    return F.linear(h, b) if info.kind == "linear" else F.conv2d(h, b)  # the scale on r channels, not on out
 
 
 # ------------------------------------------------------------------------------------------ module
