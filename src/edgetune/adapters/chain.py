@@ -171,7 +171,7 @@ class ChainAdapter(LoraAdapter):
             y = y + lora_update(self.info, x, a, b, self.scale, padding_idx=self.padding_idx).to(y.dtype)
         return y
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
         a, b, s = self.as_lora()
         return lora_delta_weight(self.info, a, b, s)
 

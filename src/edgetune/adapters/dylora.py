@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from edgetune.adapters.config import ADAPTERS, AdapterConfig
 from edgetune.adapters.layer import LayerInfo
 from edgetune.adapters.lora import LoraAdapter, lora_delta_weight, lora_update
+from edgetune.adapters.model import set_adapter_config_
 from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.hooks import Callback, TrainState
 
@@ -117,7 +118,7 @@ class DyLoraAdapter(LoraAdapter):
         return lora_update(self.info, self.dropout(x), a, bm, dylora_scale(self.alpha, b, self.rslora),
                            padding_idx=self.padding_idx)
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
         a, bm = nested_factors(self.lora_A, self.lora_B, self.eval_rank)
         return lora_delta_weight(self.info, a, bm, self.scale)
 
@@ -176,14 +177,6 @@ def _dylora_modules(model: nn.Module, name: str) -> tuple[DyLoraConfig, list[tup
     return cfg, [(lay, lay.adapters[name]) for _, lay in adapter_layers(model) if name in lay.adapters]
 
 
-def _store_config(model: nn.Module, cfg: AdapterConfig) -> None:
-    from edgetune.adapters import model as adapters_model
-
-    configs = adapters_model.adapter_configs(model)
-    configs[cfg.name] = cfg
-    setattr(model, adapters_model._CONFIGS, configs)
-
-
 def _check_rank(cfg: DyLoraConfig, layers: list[tuple[Any, DyLoraAdapter]], rank: int, verb: str) -> int:
     limit = min((ad.rank for _, ad in layers), default=cfg.rank)
     if not isinstance(rank, int) or not 1 <= rank <= limit:
@@ -203,7 +196,7 @@ def set_adapter_rank_(model: nn.Module, rank: int, name: str = "default") -> nn.
     rank = _check_rank(cfg, layers, rank, "set_adapter_rank_")
     for _, ad in layers:
         ad.use_rank_(rank)
-    _store_config(model, cfg.replace(eval_rank=rank))
+    set_adapter_config_(model, cfg.replace(eval_rank=rank))
     log.info("DyLoRA adapter %r now used at rank %d", name, rank)
     return model
 
@@ -215,7 +208,7 @@ def truncate_adapter_(model: nn.Module, rank: int, name: str = "default") -> nn.
     rank = _check_rank(cfg, layers, rank, "truncate_adapter_")
     for _, ad in layers:
         ad.truncate_(rank)
-    _store_config(model, cfg.replace(rank=rank, eval_rank=None, min_rank=min(cfg.min_rank, rank)))
+    set_adapter_config_(model, cfg.replace(rank=rank, eval_rank=None, min_rank=min(cfg.min_rank, rank)))
     log.info("DyLoRA adapter %r truncated to rank %d", name, rank)
     return model
 

@@ -136,7 +136,9 @@ class LoraAdapter(nn.Module):
     def forward(self, layer: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return y + self.update(x).to(y.dtype)
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
+        """``W' - W`` in the base weight's shape. ``weight``: the layer's current weight, for variants whose change
+        depends on it (DoRA); LoRA's does not."""
         return lora_delta_weight(self.info, self.lora_A, self.lora_B, self.scale)
 
     def merge_into(self, layer: nn.Module) -> None:

@@ -27,7 +27,7 @@ from edgetune.core.surgery import replace_module
 
 __all__ = ["adapter_configs", "adapter_layers", "adapter_names", "adapter_report", "adapter_state_dict",
            "add_adapter_", "disable_adapters", "load_adapter_state_", "merge_", "remove_adapters_",
-           "set_active_adapters_", "unmerge_"]
+           "set_active_adapters_", "set_adapter_config_", "unmerge_"]
 
 log = logging.getLogger(__name__)
 _CONFIGS = "edgetune_adapter_configs"  # model attribute: adapter name -> its AdapterConfig
@@ -41,6 +41,17 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """Adapter name -> the config it was added with."""
     return dict(getattr(model, _CONFIGS, {}))
+
+
+def set_adapter_config_(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+    """Replace the stored config of the adapter ``cfg.name`` (a verb that changes an adapter's shape or use, such as
+    DyLoRA's rank choice, keeps the config that saving and reloading read in step)."""
+    configs = adapter_configs(model)
+    if cfg.name not in configs:
+        raise ConfigError(f"the model has no adapter named {cfg.name!r}; its adapters: {list(configs) or '(none)'}")
+    configs[cfg.name] = cfg
+    setattr(model, _CONFIGS, configs)
+    return model
 
 
 def adapter_names(model: nn.Module) -> list[str]:

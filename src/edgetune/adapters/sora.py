@@ -94,7 +94,7 @@ class SoraAdapter(LoraAdapter):
         return lora_update(self.info, self.dropout(x), self.lora_A, self._b(), self.scale,
                            padding_idx=self.padding_idx)
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, weight: Tensor | None = None) -> Tensor:
         return lora_delta_weight(self.info, self.lora_A, self._b(), self.scale)
 
     def kept(self) -> Tensor:
