@@ -113,7 +113,7 @@ def effective_weight(layer: nn.Module) -> Tensor:
     w = layer.base_layer.weight.detach().clone()
     for name in layer.active:
         if name not in layer.merged:
-            w += layer.adapters[name].delta_weight().detach()
+            w += layer.adapters[name].delta_weight(w).detach()
     return w
 
 
