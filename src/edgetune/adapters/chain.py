@@ -16,7 +16,7 @@ does), but
 - exportably: the chain is a plain LoRA of rank ``links * r`` (``B_cat = [B_1 .. B_L]``,
   ``A_cat = [A_1; ..; A_L]``, same scale, concatenated on the rank dimension for linear, conv and embedding
   layers), which :meth:`ChainAdapter.as_lora` returns, so the saved adapter rebuilds the trained model from the
-  ORIGINAL base;
+  ORIGINAL base (a chain longer than the layer's rank allows is exported at that rank, exactly);
 - on any layer: layers without a dense weight (``SparseLinear``) host a chain too.
 
 The price is the frozen path's compute while training (rank ``k * r`` after ``k`` links; nothing is stored
@@ -43,12 +43,19 @@ from torch import Tensor, nn
 
 from edgetune.adapters.config import ADAPTERS, AdapterConfig
 from edgetune.adapters.layer import LayerInfo
-from edgetune.adapters.lora import LoraAdapter, draw_factor, factor_shapes, lora_delta_weight, lora_update
+from edgetune.adapters.lora import (
+    LoraAdapter,
+    draw_factor,
+    factor_shapes,
+    lora_delta_weight,
+    lora_update,
+    max_rank,
+)
 from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.hooks import Callback, TrainState
 
 __all__ = ["ChainAdapter", "ChainCallback", "ChainConfig", "ColaLinks", "LinkPolicy", "chain_callbacks",
-           "chain_factors", "link_seed", "steps_per_link"]
+           "chain_factors", "compact_factors", "link_seed", "steps_per_link"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +121,24 @@ def chain_factors(done_a: Tensor, done_b: Tensor, a: Tensor, b: Tensor) -> tuple
     return torch.cat([done_a, a], dim=0), torch.cat([done_b, b], dim=1)
 
 
+def compact_factors(a: Tensor, b: Tensor, limit: int) -> tuple[Tensor, Tensor]:
+    """``(A', B')`` with at most ``limit`` ranks and the same product as ``(A, B)`` (in LoRA's layouts: ``A``
+    ``(k, *fan)``, ``B`` ``(out, k, ...)``), for a chain whose ``k`` ranks exceed what the layer allows
+    (``limit = min(out, prod(fan))``). The product goes into one factor and the other becomes an identity:
+    ``B' = B A``, ``A' = I`` when ``prod(fan) <= out``, else ``A' = B A``, ``B' = I`` (exact up to one matmul's
+    rounding; an identity ``A`` of a convolution extracts each patch element)."""
+    if a.shape[0] <= limit:
+        return a, b
+    am, bm = a.flatten(1), b.flatten(1)  # (k, fan), (out, k)
+    fan, out = am.shape[1], bm.shape[0]
+    prod = bm @ am  # (out, fan)
+    if fan <= out:
+        eye = torch.eye(fan, dtype=a.dtype, device=a.device)
+        return eye.view(fan, *a.shape[1:]), prod.view(out, fan, *b.shape[2:])
+    eye = torch.eye(out, dtype=b.dtype, device=b.device)
+    return prod.view(out, *a.shape[1:]), eye.view(out, out, *b.shape[2:])
+
+
 def link_seed(seed: int, link: int) -> int:
     """Seed of the generator that draws link ``link`` (>= 1) of an adapter seeded ``seed`` (link 0 is drawn by
     the adapter's own initialisation)."""
@@ -172,12 +197,14 @@ class ChainAdapter(LoraAdapter):
         return y
 
     def delta_weight(self, weight: Tensor | None = None) -> Tensor:
-        a, b, s = self.as_lora()
-        return lora_delta_weight(self.info, a, b, s)
+        a, b = chain_factors(*self.finished(), self.lora_A, self.lora_B)
+        return lora_delta_weight(self.info, a, b, self.scale)
 
     def as_lora(self) -> tuple[Tensor, Tensor, float]:
-        """The whole chain as one LoRA of rank ``(done + 1) * r`` (finished links, then the current one)."""
+        """The whole chain as one LoRA: rank ``(done + 1) * r`` (finished links, then the current one), or, when
+        that exceeds the layer's ``min(out, fan_in)``, the same update at that rank (:func:`compact_factors`)."""
         a, b = chain_factors(*self.finished(), self.lora_A.detach(), self.lora_B.detach())
+        a, b = compact_factors(a, b, max_rank(self.info))
         return a, b, self.scale
 
     @torch.no_grad()

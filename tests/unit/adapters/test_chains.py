@@ -17,8 +17,8 @@ import edgetune.adapters.asymmetric
 import edgetune.adapters.chain
 import edgetune.adapters.rac_lora  # noqa: F401  (registration)
 from edgetune.adapters.asymmetric import AsymmetricConfig, draw_sketch
-from edgetune.adapters.chain import ChainCallback, ChainConfig, link_seed
-from edgetune.adapters.lora import draw_factor, lora_delta_weight
+from edgetune.adapters.chain import ChainCallback, ChainConfig, chain_factors, compact_factors, link_seed
+from edgetune.adapters.lora import draw_factor, lora_delta_weight, max_rank
 from edgetune.adapters.rac_lora import RacLoraConfig, random_factor_of
 from edgetune.core.config import validate
 from edgetune.core.errors import CheckpointError, ConfigError
@@ -246,9 +246,10 @@ def test_disabled_is_base_merge_round_trips_and_as_lora_rebuilds_from_the_origin
         ad.unmerge_(model)
         torch.testing.assert_close(model[0].base_layer.weight, base[0].weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(model(x), y, rtol=0, atol=1e-5)
-        # the exported LoRA (rank links * r, one scale) on the ORIGINAL base is the trained model
+        # the exported LoRA (rank links * r, or the layer's max rank: 5 for the 6 -> 5 linear) on the ORIGINAL base
+        # is the trained model
         a, b, scale = adapter.as_lora()
-        assert a.shape[0] == links * rank and b.shape[1] == links * rank
+        assert a.shape[0] == b.shape[1] == min(links * rank, max_rank(adapter.info)) == (5 if kind == "linear" else 6)
         rebuilt = copy.deepcopy(base)
         rebuilt[0].weight += lora_delta_weight(adapter.info, a, b, scale)
         torch.testing.assert_close(rebuilt(x), y, rtol=0, atol=1e-5)
@@ -260,6 +261,40 @@ def test_disabled_is_base_merge_round_trips_and_as_lora_rebuilds_from_the_origin
         torch.testing.assert_close(fresh(x), y, rtol=0, atol=1e-6)
         removed = ad.remove_adapters_(copy.deepcopy(model))  # the base (up to the merge/unmerge round trip above)
         torch.testing.assert_close(removed(x), base(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape_a", "shape_b"), [((7, 4), (3, 7)), ((7, 3), (5, 7)), ((9, 2, 1, 3), (4, 9, 1, 1)),
+                                                  ((9, 1, 2, 2), (6, 9, 1, 1))])
+def test_compact_factors_keep_the_product_at_the_layers_rank(shape_a, shape_b) -> None:
+    g = torch.Generator().manual_seed(0)
+    a1, b1 = torch.randn(shape_a, generator=g), torch.randn(shape_b, generator=g)
+    a2, b2 = torch.randn(shape_a, generator=g), torch.randn(shape_b, generator=g)
+    a, b = chain_factors(a1, b1, a2, b2)  # rank 2k, more than min(out, fan) allows
+    limit = min(b.shape[0], a[0].numel())
+    ca, cb = compact_factors(a, b, limit)
+    assert ca.shape == (limit, *a.shape[1:]) and cb.shape == (b.shape[0], limit, *b.shape[2:])
+    want = b1.flatten(1) @ a1.flatten(1) + b2.flatten(1) @ a2.flatten(1)
+    torch.testing.assert_close(cb.flatten(1) @ ca.flatten(1), want, rtol=0, atol=1e-5)
+    assert compact_factors(a1, b1, a1.shape[0])[0] is a1  # within the limit: unchanged
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+def test_a_chain_longer_than_the_layer_rank_saves_and_reloads_on_the_original_base(kind: str, tmp_path) -> None:
+    from edgetune.adapters.io import load_adapter_, save_adapter
+
+    base, x = _kind_model(kind)
+    model = copy.deepcopy(base)
+    ad.add_adapter_(model, RacLoraConfig(rank=3, alpha=3.0, links=4, kinds=[kind]), seed=SEED)  # rank 12 in all
+    with torch.no_grad():
+        target = base(x) + torch.randn(base(x).shape, generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    _train(model, opt, lambda m: (m(x) - target).pow(2).mean(), 8)
+    assert _adapter(model).done == 3
+    save_adapter(model, tmp_path / "a")
+    fresh = copy.deepcopy(base)
+    load_adapter_(fresh, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=1e-5)
 
 
 def test_asymmetric_trains_only_b_from_an_orthonormal_a() -> None:
