@@ -142,7 +142,8 @@ class RunConfig(Config):
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         order = self.section_names()
-        rest = {k: v for k, v in data.items() if k not in order}
+        # unset family sections stay out: a saved config must load where only its own families are registered
+        rest = {k: v for k, v in data.items() if k not in order and (k in RunConfig.model_fields or v is not None)}
         return {**rest, **{k: data[k] for k in order}}
 
     @field_validator("name")

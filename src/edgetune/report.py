@@ -82,12 +82,14 @@ def _fmt(v: Any) -> str:
 
 #: (label, summary key) rows of a stage's results table, in order
 _ROWS = (("test accuracy", "test_acc"), ("test loss", "test_loss"), ("test perplexity", "test_ppl"),
+         ("test exact match", "test_exact_match"),
          ("val accuracy", "val_acc"), ("optimizer steps", "steps"), ("epochs", "epochs"),
          ("parameters", "parameters"), ("trainable parameters", "trainable_parameters"), ("non-zeros", "nonzeros"),
          ("model file bytes", "model_bytes"), ("latency, batch 1 (ms, median)", "latency_ms_batch1"),
          ("peak RSS (MiB)", "peak_rss_mb"), ("peak CUDA (MiB)", "peak_cuda_mb"), ("wall time (s)", "wall_time_s"))
 #: columns of the stage comparison table
-_COMPARE = (("step", "step"), ("test acc", "test_acc"), ("test ppl", "test_ppl"), ("trainable", "trainable_parameters"),
+_COMPARE = (("step", "step"), ("test acc", "test_acc"), ("test ppl", "test_ppl"), ("exact match", "test_exact_match"),
+            ("trainable", "trainable_parameters"),
             ("non-zeros", "nonzeros"), ("model bytes", "model_bytes"), ("latency b1 (ms)", "latency_ms_batch1"),
             ("wall (s)", "wall_time_s"))
 

@@ -1,3 +1,3 @@
 """Benchmark suites of the adapters family (registered on import by the family plug-in)."""
 
-from edgetune.adapters.bench import convergence  # noqa: F401  (registers adapters-convergence)
+from edgetune.adapters.bench import convergence, speed  # noqa: F401  (register adapters-convergence, adapters-speed)

@@ -26,8 +26,9 @@ Three parts (column ``part``):
   edgetune's adapted model unmerged, after ``merge_`` (the :class:`AdapterLayer` wrappers stay and skip merged
   adapters), after ``remove_adapters_(merge=True)`` (the original modules back), and PEFT's ``merge_adapter`` /
   ``merge_and_unload``, interleaved; ``max_abs_diff_vs_unmerged`` checks that merging kept the function. The
-  ``merge_`` row also carries a micro-benchmark of one wrapped layer against its bare base layer
-  (``wrapper_overhead_us_per_call``, times the number of wrapped layers in ``wrapper_overhead_us_per_forward``).
+  ``merge_`` row also carries a micro-benchmark of one wrapped layer against its bare base layer on one token and
+  one thread (``wrapper_overhead_us_per_call``: the Python cost of the wrapper, which a whole forward on a busy
+  machine cannot resolve; times the number of wrapped layers in ``wrapper_overhead_us_per_forward``).
 """
 
 from __future__ import annotations
@@ -378,17 +379,24 @@ def _activation_rows(spec: BenchModel, base: nn.Module, vocab: int, head: str | 
     return rows
 
 
-def _wrapper_overhead_us(layer: ad.AdapterLayer, x: Tensor, device: torch.device, calls: int = 50,
-                         rounds: int = 40) -> float:
-    """Microseconds one call of a (merged) AdapterLayer takes beyond a call of its bare base layer."""
+def _wrapper_overhead_us(layer: ad.AdapterLayer, device: torch.device, calls: int = 200, rounds: int = 40) -> float:
+    """Microseconds one call of a (merged) AdapterLayer takes beyond a call of its bare base layer: one token on
+    one thread, so that the Python cost is not lost in the noise of a matrix product."""
+    x = torch.randn(1, layer.in_features, device=device)
+
     def many(f: nn.Module) -> Callable[[int], None]:
         def run(_i: int) -> None:
             for _ in range(calls):
                 f(x)
         return run
 
-    with torch.no_grad():
-        t, _ = _interleaved({"wrapped": many(layer), "bare": many(layer.base_layer)}, 3, rounds, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            t, _ = _interleaved({"wrapped": many(layer), "bare": many(layer.base_layer)}, 3, rounds, device)
+    finally:
+        torch.set_num_threads(threads)
     return (statistics.median(t["wrapped"]) - statistics.median(t["bare"])) / calls * 1e6
 
 
@@ -413,8 +421,7 @@ def _inference_rows(spec: BenchModel, base: nn.Module, trained: dict[str, nn.Mod
         times, _ = _interleaved(fns, o["infer_warmup"], o["infer_repeats"], ctx.device)
     wrapped = ad.adapter_layers(merged)
     path, layer = wrapped[0]
-    x = torch.randn(o["infer_batch"], o["seq_len"], layer.in_features, device=ctx.device)
-    overhead = _wrapper_overhead_us(layer, x, ctx.device)
+    overhead = _wrapper_overhead_us(layer, ctx.device)
     rows = []
     for name, model in variants.items():
         lat = _stats(times[name])
