@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-import edgetune.adapters  # noqa: F401  (registers the adapter methods)
+import edgetune.adapters
 import edgetune.adapters.bench  # noqa: F401  (registers the adapters bench suites)
 from edgetune.adapters.config import AdapterConfig
 from edgetune.core.hooks import Callback
