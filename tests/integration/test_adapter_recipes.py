@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from edgetune.core.errors import ConfigError
 from edgetune.recipe import load_recipe
 from edgetune.runner import load_run_model, run
 
@@ -47,6 +48,15 @@ def test_default_run_adds_lora_on_the_sparse_twin(tmp_path):
     loaded = load_run_model(tmp_path / "run" / "stages" / "chts-lora")
     assert all(torch.equal(v, after[k]) for k, v in loaded.model.state_dict().items())
     assert "chts-lora" in (tmp_path / "run" / "report.md").read_text()
+    # neither export silently densifies nor writes a model that does not reload: both refuse, naming the way out
+    from edgetune.adapters.export import export_merged
+    from edgetune.sparse.export import export_run
+
+    last = load_run_model(tmp_path / "run", with_data=True)
+    for export in (export_merged, export_run):
+        with pytest.raises(ConfigError, match="adapter-peft") as err:
+            export(last, tmp_path / "run", tmp_path / "exported")
+        assert "layers.0" in str(err.value) and not (tmp_path / "exported").exists()
 
 
 def test_sparse_backbone_recipe_runs_its_stages(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetune.adapters.model import adapter_names, remove_adapters_
+from edgetune.adapters.model import adapter_layers, adapter_names, remove_adapters_
 from edgetune.core.errors import ConfigError
 from edgetune.core.state import save_tensors
 
@@ -72,9 +72,22 @@ def _check_adapters(run: Any) -> None:
                           "with another format (edgetune ls exports)")
 
 
+def _check_mergeable(run: Any, run_dir: Path) -> None:
+    """Refuse, before writing anything, a model whose adapters sit on layers without a dense weight."""
+    kept = [f"{path} ({layer.info.type_name})" for path, layer in adapter_layers(run.model) if not layer.info.mergeable]
+    if kept:
+        shown = ", ".join(kept[:4]) + (f" and {len(kept) - 4} more" if len(kept) > 4 else "")
+        raise ConfigError(
+            f"adapter-merged folds each adapter into its layer's dense weight, but the adapters of the run in "
+            f"{run_dir} sit on layers with sparse storage: {shown}; merging would make them dense. Export the "
+            f"adapter alone (edgetune export {run_dir} --format adapter-peft; load_adapter_ puts it back on the "
+            "sparse base), and the sparse base from the stage that trained it (edgetune export RUN_DIR/stages/NAME)")
+
+
 def export_merged(run: Any, run_dir: Path, out_dir: Path | None) -> dict[str, Any]:
     """Merge every adapter of the run's model into its weights, remove the wrappers and write the plain model."""
     _check_adapters(run)
+    _check_mergeable(run, run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
     probe = _probe(run)

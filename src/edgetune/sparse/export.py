@@ -230,6 +230,18 @@ def _latency_ms(model: nn.Module, tensors: tuple[Tensor, ...], batch: int, repea
     return measure_latency(lambda: model(*xs), warmup=3, repeats=repeats).median_s * 1e3
 
 
+def _refuse_wrapped(model: nn.Module, run_dir: Path) -> None:
+    """Sparse exports write plain models: refuse layers another method wrapped (an adapter's ``base_layer``)."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)]
+    if wrapped:
+        shown = ", ".join(wrapped[:4]) + (f" and {len(wrapped) - 4} more" if len(wrapped) > 4 else "")
+        raise ConfigError(
+            f"the sparse exports write plain sparse models, but layers of the run in {run_dir} are wrapped by another "
+            f"method (an adapter on {shown}). Export that method's part with its own format (edgetune ls exports; "
+            "for an adapter: --format adapter-peft), and the sparse model from the stage that trained it "
+            "(edgetune export RUN_DIR/stages/NAME)")
+
+
 def export_run(run: Any, run_dir: str | Path, out_dir: str | Path | None = None, *,
                rule: StorageRule | None = None, latency_repeats: int = 20) -> dict[str, Any]:
     """Export the trained model of a finished run folder to ``out_dir`` (default ``RUN_DIR/export``).
@@ -251,6 +263,7 @@ def export_run(run: Any, run_dir: str | Path, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
     rule = rule or SMALLEST
     model, cfg, bundle = run.model, run.cfg, run.bundle
+    _refuse_wrapped(model, run_dir)
     reference = copy.deepcopy(model)
     test = tuple(bundle.test.tensors)
     if bundle.transform is not None:  # e.g. uint8 images to floats, as the model saw them in training
