@@ -133,7 +133,10 @@ def _check_like(ref: Mapping[str, Tensor], other: Mapping[str, Tensor], what: st
 
 def _check(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
     cfg = merger.cfg
-    if isinstance(models, Mapping) or not isinstance(models, Sequence) or not models:
+    if isinstance(models, Mapping) or not isinstance(models, Sequence):
+        raise ConfigError(f"models must be a list of state dicts (model.state_dict()), one per model, got a "
+                          f"{type(models).__name__}; wrap a single state dict in a list")
+    if not models:
         raise ConfigError("no models to merge: pass a list of state dicts (model.state_dict()), one per model")
     for i, m in enumerate(models):
         if not isinstance(m, Mapping):

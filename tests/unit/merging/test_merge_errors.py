@@ -39,7 +39,9 @@ TA = {"method": "task_arithmetic"}
 
 def test_no_models(calls: list[str]) -> None:
     _raises(r"no models to merge: pass a list of state dicts", [], {"method": "linear"})
-    _raises(r"no models to merge", _sd(), {"method": "linear"})  # one state dict, not a list of them
+    _raises(r"models must be a list of state dicts .* got a dict; wrap a single state dict in a list", _sd(),
+            {"method": "linear"})
+    _raises(r"got a generator", (m for m in [_sd()]), {"method": "linear"})
     assert not calls
 
 
