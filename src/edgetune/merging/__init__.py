@@ -4,6 +4,10 @@ Each method file registers its :class:`Merger` and config in :data:`MERGERS`; :f
 :func:`merge_state_dicts`) checks the inputs and merges key by key::
 
     merged = merge([sd_a, sd_b], TiesConfig(density=0.2), base=sd_0)
+
+On files (safetensors, Hugging Face folders, edgetune run folders), :func:`stream_merge` merges tensor by tensor
+without holding whole models, and :func:`load_job` / :func:`run_merge` run an ``edgetune merge`` job file (or a
+mergekit YAML).
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ from edgetune.merging import (  # noqa: F401  (registration: each method file re
     task_arithmetic,
     ties,
 )
-from edgetune.merging.base import Merger, merge, merge_state_dicts, merger_for
+from edgetune.merging.base import Merger, check_options, merge, merge_state_dicts, merger_for
 from edgetune.merging.breadcrumbs import BreadcrumbsConfig
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.dare import DareConfig
+from edgetune.merging.job import MergeJob, check_job, load_job, run_merge
 from edgetune.merging.linear import LinearConfig
 from edgetune.merging.model_stock import ModelStockConfig
+from edgetune.merging.sources import TensorSource, check_compatible, open_source
+from edgetune.merging.stream import StreamReport, read_once_seconds, stream_merge
 from edgetune.merging.task_arithmetic import TaskArithmeticConfig
 from edgetune.merging.ties import TiesConfig
 
-__all__ = ["MERGERS", "BreadcrumbsConfig", "DareConfig", "LinearConfig", "MergeConfig", "Merger", "ModelStockConfig",
-           "TaskArithmeticConfig", "TiesConfig", "merge", "merge_state_dicts", "merger_for"]
+__all__ = ["MERGERS", "BreadcrumbsConfig", "DareConfig", "LinearConfig", "MergeConfig", "MergeJob", "Merger",
+           "ModelStockConfig", "StreamReport", "TaskArithmeticConfig", "TensorSource", "TiesConfig", "check_compatible",
+           "check_job", "check_options", "load_job", "merge", "merge_state_dicts", "merger_for", "open_source",
+           "read_once_seconds", "run_merge", "stream_merge"]

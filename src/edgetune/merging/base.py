@@ -22,7 +22,7 @@ from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
 from edgetune.merging.config import MERGERS, MergeConfig
 
-__all__ = ["Merger", "merge", "merge_state_dicts", "merger_for"]
+__all__ = ["Merger", "check_options", "merge", "merge_state_dicts", "merger_for"]
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,29 @@ def _check_like(ref: Mapping[str, Tensor], other: Mapping[str, Tensor], what: st
                           "vocabulary and number of classes)")
 
 
-def _check(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
+def check_options(merger: Merger, n_models: int, has_base: bool) -> None:
+    """The checks that need no tensor: a base where the method needs one, one weight per model, the density."""
     cfg = merger.cfg
+    if not has_base and merger.needs_base:
+        raise ConfigError(f"method {cfg.method!r} needs a base model: pass base=... / `base:` in the merge config "
+                          "(the model the merged models were fine-tuned from)")
+    if cfg.weights is not None:
+        if not merger.takes_weights:
+            raise ConfigError(f"method {cfg.method!r} takes no weights; remove `weights`")
+        if len(cfg.weights) != n_models:
+            raise ConfigError(f"weights has {len(cfg.weights)} entries for {n_models} models; give one weight per "
+                              "model, in the order of the models (or leave weights out for equal weights)")
+        bad = [w for w in cfg.weights if not math.isfinite(w)]
+        if bad:
+            raise ConfigError(f"weights must be finite numbers, got {bad[0]!r}; give one finite weight per model")
+    if merger.density_option is not None:
+        density = getattr(cfg, merger.density_option)
+        if not (math.isfinite(density) and 0 < density <= 1):
+            raise ConfigError(f"{merger.density_option} = {density!r} must be in (0, 1]: the fraction of each task "
+                              f"vector kept (1 keeps all of it)")
+
+
+def _check(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
     if isinstance(models, Mapping) or not isinstance(models, Sequence):
         raise ConfigError(f"models must be a list of state dicts (model.state_dict()), one per model, got a "
                           f"{type(models).__name__}; wrap a single state dict in a list")
@@ -145,25 +166,9 @@ def _check(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: Mapping
         raise ConfigError(f"base is a {type(base).__name__}, not a state dict; pass base=model.state_dict()")
     for i, m in enumerate(models[1:], 1):
         _check_like(models[0], m, f"model {i}")
-    if base is None and merger.needs_base:
-        raise ConfigError(f"method {cfg.method!r} needs a base model: pass base=... / `base:` in the merge config "
-                          "(the model the merged models were fine-tuned from)")
     if base is not None:
         _check_like(models[0], base, "the base model")
-    if cfg.weights is not None:
-        if not merger.takes_weights:
-            raise ConfigError(f"method {cfg.method!r} takes no weights; remove `weights`")
-        if len(cfg.weights) != len(models):
-            raise ConfigError(f"weights has {len(cfg.weights)} entries for {len(models)} models; give one weight per "
-                              "model, in the order of the models (or leave weights out for equal weights)")
-        bad = [w for w in cfg.weights if not math.isfinite(w)]
-        if bad:
-            raise ConfigError(f"weights must be finite numbers, got {bad[0]!r}; give one finite weight per model")
-    if merger.density_option is not None:
-        density = getattr(cfg, merger.density_option)
-        if not (math.isfinite(density) and 0 < density <= 1):
-            raise ConfigError(f"{merger.density_option} = {density!r} must be in (0, 1]: the fraction of each task "
-                              f"vector kept (1 keeps all of it)")
+    check_options(merger, len(models), base is not None)
     for k, t in models[0].items():
         floating = [m[k].is_floating_point() for m in models]
         if any(floating) and not all(floating):

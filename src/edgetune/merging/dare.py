@@ -32,12 +32,14 @@ _MASK64 = (1 << 63) - 1
 
 class DareConfig(MergeConfig):
     """DARE (Yu et al. 2024). density: the probability of keeping an entry; scaling: lambda; combine: sum (task
-    arithmetic) or ties (sign election and disjoint mean)."""
+    arithmetic) or ties (sign election, then the disjoint mean of the agreeing entries, or their sum with
+    ``disjoint_mean: false``, as mergekit's dare_ties does by default)."""
 
     method: Literal["dare"] = "dare"
     density: float = Field(default=0.5, gt=0, le=1)
     scaling: float = 1.0
     combine: Literal["sum", "ties"] = "sum"
+    disjoint_mean: bool = True
 
 
 def dare_generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -68,7 +70,7 @@ class DareMerger(Merger):
         taus = [dare_drop(t, cfg.density, dare_generator(cfg.seed, name, i))
                 for i, t in enumerate(task_vectors(xs, base))]
         if cfg.combine == "ties":
-            return elect_and_mean(base, taus, self.weights(len(xs)), cfg.scaling)
+            return elect_and_mean(base, taus, self.weights(len(xs)), cfg.scaling, disjoint_mean=cfg.disjoint_mean)
         return add_task_vectors(base, taus, self.weights(len(xs)), cfg.scaling)
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.core.state import _create_temp  # its temp names: remove_temp_files cleans ours
 from edgetune.measure.memory import track_peak_memory
+from edgetune.merging.base import Merger, check_options
 from edgetune.merging.sources import (
     SAFETENSORS_DTYPES,
     SourceSpec,
@@ -238,6 +239,9 @@ def stream_merge(
                           "model the fine-tunes started from): pass base=...")
     if not sources:
         raise ConfigError("nothing to merge: give at least one model")
+    owner = getattr(getattr(merge_tensor, "merge_tensor", None), "__self__", merge_tensor)
+    if isinstance(owner, Merger):  # weights, density, base: checked before anything is read or written
+        check_options(owner, len(sources), base is not None)
     want = _out_dtype(dtype) if dtype is not None else merger_dtype
     meta = _encode_metadata(metadata)
     out = Path(out_path)
