@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import edgetune.merging  # noqa: F401  (registers the merge methods)
+import edgetune.merging
+import edgetune.merging.stage  # noqa: F401  (registers the merge stage step)
 from edgetune.core.plugins import COMMANDS
 
 

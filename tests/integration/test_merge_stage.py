@@ -1,0 +1,79 @@
+"""The merge stage: fine-tune experts from one base, merge them, evaluate, in one recipe (digits, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgetune import runner
+from edgetune.core.errors import ConfigError
+from edgetune.merging import merge_state_dicts
+from edgetune.recipe import load_recipe
+
+
+def recipe(tmp_path: Path, merge: dict, **over) -> dict:
+    r = {
+        "name": "mg", "seed": 0, "output_dir": str(tmp_path / "runs"),
+        "data": {"name": "digits"},
+        "model": {"name": "mlp", "widths": [32]},
+        "train": {"epochs": 1, "batch_size": 64, "progress": False, "num_threads": 1,
+                  "optimizer": {"name": "adam", "lr": 0.01}},
+        "stages": [
+            {"name": "pre", "train": {"epochs": 2}},
+            {"name": "a", "model": {"from": "stage:pre"}, "seed": 1},
+            {"name": "b", "model": {"from": "stage:pre"}, "seed": 2, "train": {"optimizer": {"lr": 0.003}}},
+            {"name": "merged", "step": "merge", "model": {"from": "stage:a"}, "merge": merge},
+        ],
+    }
+    r.update(over)
+    return r
+
+
+@pytest.fixture(scope="module")
+def merged_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("merge-stage")
+    cfg = load_recipe(recipe(tmp, {"method": "ties", "density": 0.5, "base": "stage:pre",
+                                   "models": ["stage:a", "stage:b"]}))
+    runner.run(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def test_merge_stage_equals_merging_the_saved_stages(merged_run):
+    st = merged_run / "stages"
+    sds = {n: load_file(str(st / n / "model.safetensors")) for n in ("pre", "a", "b", "merged")}
+    want = merge_state_dicts([sds["a"], sds["b"]], {"method": "ties", "density": 0.5}, base=sds["pre"])
+    for k, v in want.items():
+        assert torch.equal(sds["merged"][k], v), k
+    s = json.loads((st / "merged" / "summary.json").read_text())
+    assert s["merge_method"] == "ties" and s["merge_models"] == ["stage:a", "stage:b"] and s["steps"] == 0
+    accs = {n: json.loads((st / n / "summary.json").read_text())["test_acc"] for n in ("pre", "a", "b", "merged")}
+    # two fine-tunes of one base on the same task: their TIES merge works as well as the base, not like noise
+    assert accs["merged"] > 0.8 and accs["merged"] >= accs["pre"] - 0.05, accs
+    assert "## Stage merged" in (merged_run / "report.md").read_text()
+
+
+def test_keep_takes_tensors_from_the_stage_model(tmp_path):
+    cfg = load_recipe(recipe(tmp_path, {"method": "linear", "models": ["stage:a", "stage:b"], "keep": ["head"]}))
+    runner.run(cfg, tmp_path / "run")
+    st = tmp_path / "run" / "stages"
+    a, b, m = (load_file(str(st / n / "model.safetensors")) for n in ("a", "b", "merged"))
+    head = [k for k in m if k not in ("net.0.weight", "net.0.bias")]
+    heads = [k for k in head if torch.equal(m[k], a[k])]
+    assert heads, "the head is a's"
+    body = [k for k in m if k not in heads]
+    assert body and all(torch.allclose(m[k], (a[k] + b[k]) / 2) for k in body)
+
+
+@pytest.mark.parametrize(("merge", "match"), [
+    ({"method": "ties", "models": ["stage:a", "stage:b"]}, "needs a base model"),
+    ({"method": "linear", "models": ["stage:a", "stage:zz"]}, "names no earlier stage"),
+    ({"method": "linear", "models": ["stage:a"], "keep": ["nothing*"]}, "matches no tensor"),
+    ({"method": "linear", "models": ["stage:a"], "densty": 0.2}, "densty"),
+])
+def test_bad_merge_sections(tmp_path, merge, match):
+    with pytest.raises(ConfigError, match=match):
+        runner.run(load_recipe(recipe(tmp_path, merge)), tmp_path / "run")
