@@ -17,22 +17,32 @@ from edgetune.merging import (  # noqa: F401  (registration: each method file re
     dare,
     linear,
     model_stock,
+    rebasin,
     task_arithmetic,
     ties,
 )
-from edgetune.merging.base import Merger, check_options, merge, merge_state_dicts, merger_for
+from edgetune.merging.base import Merger, check_inputs, check_options, merge, merge_state_dicts, merger_for
 from edgetune.merging.breadcrumbs import BreadcrumbsConfig
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.dare import DareConfig
 from edgetune.merging.job import MergeJob, check_job, load_job, run_merge
 from edgetune.merging.linear import LinearConfig
 from edgetune.merging.model_stock import ModelStockConfig
+from edgetune.merging.rebasin import (
+    RebasinConfig,
+    apply_permutation,
+    interpolation_barrier,
+    rebasin_align,
+    spec_from_model,
+    weight_matching,
+)
 from edgetune.merging.sources import TensorSource, check_compatible, open_source
 from edgetune.merging.stream import StreamReport, read_once_seconds, stream_merge
 from edgetune.merging.task_arithmetic import TaskArithmeticConfig
 from edgetune.merging.ties import TiesConfig
 
 __all__ = ["MERGERS", "BreadcrumbsConfig", "DareConfig", "LinearConfig", "MergeConfig", "MergeJob", "Merger",
-           "ModelStockConfig", "StreamReport", "TaskArithmeticConfig", "TensorSource", "TiesConfig", "check_compatible",
-           "check_job", "check_options", "load_job", "merge", "merge_state_dicts", "merger_for", "open_source",
-           "read_once_seconds", "run_merge", "stream_merge"]
+           "ModelStockConfig", "RebasinConfig", "StreamReport", "TaskArithmeticConfig", "TensorSource", "TiesConfig", "apply_permutation", "check_compatible", "check_inputs",
+           "check_job", "check_options", "interpolation_barrier", "load_job", "merge", "merge_state_dicts", "merger_for", "open_source",
+           "read_once_seconds", "rebasin_align", "run_merge", "spec_from_model", "stream_merge",
+           "weight_matching"]

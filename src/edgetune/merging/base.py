@@ -22,7 +22,7 @@ from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
 from edgetune.merging.config import MERGERS, MergeConfig
 
-__all__ = ["Merger", "check_options", "merge", "merge_state_dicts", "merger_for"]
+__all__ = ["Merger", "check_inputs", "check_options", "merge", "merge_state_dicts", "merger_for"]
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,15 @@ class Merger:
     commutative: the result does not depend on the order of the models (given weights in matching order).
     density_option: the name of the option giving the fraction of each task vector kept, checked in (0, 1].
     takes_weights: the method takes one weight per model (``weights``).
+    whole_model: the method needs every tensor of every model at once (re-basin aligns whole models before the
+        key-by-key merge, in :meth:`prepare`): it cannot stream.
     """
 
     needs_base: ClassVar[bool] = True
     commutative: ClassVar[bool] = True
     density_option: ClassVar[str | None] = None
     takes_weights: ClassVar[bool] = True
+    whole_model: ClassVar[bool] = False
 
     def __init__(self, cfg: MergeConfig) -> None:
         self.cfg = cfg
@@ -49,6 +52,11 @@ class Merger:
     def weights(self, n: int) -> list[float]:
         """The weight of each of ``n`` models: the config's, or 1 each."""
         return list(self.cfg.weights) if self.cfg.weights is not None else [1.0] * n
+
+    def prepare(self, models: Sequence[Mapping[str, Tensor]],
+                base: Mapping[str, Tensor] | None) -> Sequence[Mapping[str, Tensor]]:
+        """Whole-model work before the key-by-key merge (checked inputs in, the models to merge out)."""
+        return models
 
     def merge_tensor(self, name: str, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
         """Merge the tensors one key ``name`` holds in each model (same shape ``S``) into one tensor ``S``.
@@ -153,7 +161,7 @@ def check_options(merger: Merger, n_models: int, has_base: bool) -> None:
                               f"vector kept (1 keeps all of it)")
 
 
-def _check(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
+def check_inputs(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
     if isinstance(models, Mapping) or not isinstance(models, Sequence):
         raise ConfigError(f"models must be a list of state dicts (model.state_dict()), one per model, got a "
                           f"{type(models).__name__}; wrap a single state dict in a list")
@@ -187,7 +195,8 @@ def merge_state_dicts(models: Sequence[Mapping[str, Tensor]], cfg: MergeConfig |
     result has model 0's keys in its order; its floating tensors are in ``cfg.dtype`` or model 0's dtype.
     """
     merger = merger_for(cfg)
-    _check(merger, models, base)
+    check_inputs(merger, models, base)
+    models = merger.prepare(models, base)
     out = {k: merger.merge_tensor(k, [m[k] for m in models], None if base is None else base[k]) for k in models[0]}
     log.info("merged %d models (%d tensors) with %s", len(models), len(out), merger.cfg.method)
     return out

@@ -21,6 +21,7 @@ Hugging Face folder's config and tokenizer files, an edgetune run's ``config.yam
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -32,8 +33,8 @@ from pydantic import Field, field_validator
 
 from edgetune.core.config import Config, apply_overrides, load_yaml, validate
 from edgetune.core.errors import ConfigError
-from edgetune.core.state import atomic_write_json
-from edgetune.merging.base import check_options, merger_for
+from edgetune.core.state import atomic_write_json, save_tensors
+from edgetune.merging.base import check_options, merge_state_dicts, merger_for
 from edgetune.merging.config import MergeConfig
 from edgetune.merging.sources import check_compatible, open_source
 from edgetune.merging.stream import StreamReport, stream_merge
@@ -144,6 +145,28 @@ def _output_paths(output: str) -> tuple[Path, Path | None]:
     return out / "model.safetensors", out
 
 
+def _merge_in_memory(job: MergeJob, cfg: MergeConfig, out_file: Path, recipe: dict[str, Any]) -> StreamReport:
+    """A method that needs whole models (re-basin): read them, merge in memory, save atomically."""
+    import time
+
+    from edgetune.measure.memory import track_peak_memory
+
+    def read(spec: str) -> dict[str, Any]:
+        with open_source(spec) as src:
+            return {k: src.get(k) for k in src}
+
+    t0 = time.perf_counter()
+    with track_peak_memory(interval_s=0.005) as mem:
+        models = [read(m.model) for m in job.models]
+        base = read(job.base) if job.base else None
+        merged = merge_state_dicts(models, cfg, base=base)
+        save_tensors(merged, out_file, metadata={"edgetune.merge": json.dumps(recipe), "format": "pt"})
+    size = sum(t.numel() * t.element_size() for m in [*models, *([base] if base else [])] for t in m.values())
+    return StreamReport(out_path=out_file, tensors=len(merged), bytes_read=size, bytes_written=out_file.stat().st_size,
+                        seconds=time.perf_counter() - t0, peak_rss_delta_bytes=mem.rss_delta_bytes,
+                        rss_source=mem.rss_source)
+
+
 def check_job(job: MergeJob) -> None:
     """Everything that can be checked without merging: the method's options against the number of models and the
     base, each input readable, every input of the same names and shapes (from the headers only)."""
@@ -168,8 +191,11 @@ def run_merge(job: MergeJob, progress: Callable[[int, int, str], None] | None = 
     recipe = {"job": job.model_dump(mode="json"), "method": cfg.model_dump(mode="json")}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    report = stream_merge(specs, merger, out_file, base=job.base, metadata={"edgetune.merge": recipe},
-                          progress=progress, compare_read=compare_read)
+    if merger.whole_model:  # re-basin: every tensor at once, in memory
+        report = _merge_in_memory(job, cfg, out_file, recipe)
+    else:
+        report = stream_merge(specs, merger, out_file, base=job.base, metadata={"edgetune.merge": recipe},
+                              progress=progress, compare_read=compare_read)
     if out_dir is not None:
         copied = []
         if ref is not None and ref.resolve() != out_dir.resolve():

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from edgetune.core.errors import ConfigError
-from edgetune.merging.base import Merger, _check
+from edgetune.merging.base import Merger, check_inputs
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.linear import weighted_sum
 from edgetune.models.mlp import MLP
@@ -135,6 +135,14 @@ def _build(layers: Sequence[_Layer], where: str) -> PermutationSpec:
     return PermutationSpec({k: v for k, v in axes.items() if any(p is not None for p in v)}, sizes)
 
 
+def _module_order(prefix: str) -> tuple[bool, list[tuple[int, int | str]]]:
+    """Sort key restoring module order from sorted names: numbers compared as numbers (``2`` before ``10``), a
+    classification head (``head``, ``classifier``, ``fc`` at the top level, or ``*.head``) last."""
+    last = prefix.rpartition(".")[2] if prefix.endswith(".head") else prefix
+    parts = [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.]", prefix)]
+    return last in ("head", "classifier", "fc"), parts
+
+
 def _layers_from_state_dict(sd: StateDict, allow_conv: bool, where: str) -> list[_Layer]:
     """Layers read from the keys' module prefixes and shapes (2-D weight: Linear, 4-D: Conv2d, only 1-D: a norm)."""
     groups: dict[str, dict[str, Tensor]] = {}
@@ -142,8 +150,12 @@ def _layers_from_state_dict(sd: StateDict, allow_conv: bool, where: str) -> list
         if v.is_floating_point() and v.ndim > 0:
             prefix, _, leaf = key.rpartition(".")
             groups.setdefault(prefix, {})[leaf] = v
+    order = list(groups)
+    if list(sd) == sorted(sd):  # read from a safetensors file (keys sorted): put them back in module order
+        order.sort(key=_module_order)
     layers: list[_Layer] = []
-    for prefix, params in groups.items():
+    for prefix in order:
+        params = groups[prefix]
         full = {leaf: f"{prefix}.{leaf}" if prefix else leaf for leaf in params}
         w = params.get("weight")
         if w is not None and w.ndim in (2, 4):
@@ -414,9 +426,9 @@ class RebasinConfig(MergeConfig):
 
 
 class RebasinMerger(Merger):
-    """Re-basin then weighted average. Needs whole models: use :meth:`merge_models`, or ``merge_state_dicts`` once
-    it calls ``models = merger.prepare(models, base)`` after its checks; a key-by-key merge of tensors that were not
-    aligned first is refused (averaging unaligned hidden units would silently break the model)."""
+    """Re-basin then weighted average. Needs whole models (``merge_state_dicts`` calls :meth:`prepare` to align
+    them, or use :meth:`merge_models`); a key-by-key merge of tensors that were not aligned first is refused
+    (averaging unaligned hidden units would silently break the model)."""
 
     needs_base = False
     commutative = False  # models are aligned to model 0
@@ -437,7 +449,7 @@ class RebasinMerger(Merger):
                      base: StateDict | None = None) -> dict[str, Tensor]:
         """Merge whole models (modules or state dicts): check, align to model 0, weighted average key by key."""
         sds = [_as_state_dict(m, i) for i, m in enumerate(models)] if isinstance(models, Sequence) else models
-        _check(self, sds, base)
+        check_inputs(self, sds, base)
         spec = resolve_spec(self.cfg.spec, models[0])
         aligned = rebasin_align(sds, spec, max_iter=self.cfg.max_iter, seed=self.cfg.seed)
         self._aligned = True

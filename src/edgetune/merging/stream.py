@@ -241,6 +241,10 @@ def stream_merge(
         raise ConfigError("nothing to merge: give at least one model")
     owner = getattr(getattr(merge_tensor, "merge_tensor", None), "__self__", merge_tensor)
     if isinstance(owner, Merger):  # weights, density, base: checked before anything is read or written
+        if owner.whole_model:
+            raise ConfigError(f"method {owner.cfg.method!r} needs whole models at once and cannot stream tensor by "
+                              "tensor; merge in memory with merge_state_dicts (edgetune merge and the merge stage "
+                              "do so for it)")
         check_options(owner, len(sources), base is not None)
     want = _out_dtype(dtype) if dtype is not None else merger_dtype
     meta = _encode_metadata(metadata)

@@ -193,3 +193,27 @@ def test_mergekit_per_model_values_edgetune_cannot_take(models):
     hub = {"merge_method": "linear", "models": [{"model": "org/some-model", "parameters": {"weight": 1}}]}
     with pytest.raises(ConfigError, match="downloads nothing"):
         from_mergekit(hub)
+
+
+def test_whole_model_method_runs_in_memory(tmp_path):
+    """re-basin needs every tensor at once: the job merges in memory (stream_merge refuses it) with the same result."""
+    from edgetune.merging import stream_merge
+    from edgetune.merging.base import merger_for
+    from edgetune.models.mlp import MLP
+
+    sds = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sd = MLP(in_features=12, num_classes=3, widths=[16, 16]).state_dict()
+        p = tmp_path / f"m{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+        sds.append((p, sd))
+    job = load_job(_job(tmp_path, {"method": "rebasin", "models": [str(p) for p, _ in sds],
+                                   "output": str(tmp_path / "rb.safetensors")}))
+    rep = run_merge(job)
+    got = load_file(str(rep.out_path))
+    want = merge_state_dicts([sd for _, sd in sds], {"method": "rebasin"})
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ConfigError, match="cannot stream"):
+        stream_merge([str(p) for p, _ in sds], merger_for({"method": "rebasin"}), tmp_path / "no.safetensors")
+    assert not (tmp_path / "no.safetensors").exists()
