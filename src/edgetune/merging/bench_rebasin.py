@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edgetune.bench.harness import BenchContext, register_suite
 from edgetune.data import DataConfig, load_dataset
 from edgetune.merging.rebasin import interpolate_state_dicts, rebasin_align, spec_from_model
 from edgetune.models import MLP
 
-__all__ = ["barrier_curves", "summarize", "train_mlp", "write_plot"]
+__all__ = ["barrier_curves", "summarize", "train_mlp", "write_plot"]  # and the merging-rebasin bench suite
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +132,36 @@ def write_plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------ the bench suite
+def _rebasin_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
+    """Per dataset: the path rows (alpha, loss and accuracy naive / re-basin) and one summary row (barriers)."""
+    from edgetune.bench.harness import DEFAULT_RESULTS_DIR
+
+    default = ["digits"] if ctx.quick else ["digits", "fashion-mnist"]
+    datasets = ctx.option("datasets", default)
+    datasets = [datasets] if isinstance(datasets, str) else list(datasets)
+    widths = (64, 64) if ctx.quick else (512, 512)
+    steps = int(ctx.option("steps", 150 if ctx.quick else 2000))
+    alphas = [i / 10 for i in range(11)] if ctx.quick else None
+    plot_dir = Path(ctx.option("plot_dir", ctx.out_dir if ctx.quick else DEFAULT_RESULTS_DIR))
+    out: list[dict[str, Any]] = []
+    for name in datasets:
+        t0 = time.perf_counter()
+        rows = barrier_curves(name, widths=widths, steps=steps, seeds=(ctx.seed, ctx.seed + 1), alphas=alphas,
+                              limit_train=1000 if ctx.quick else None, device=str(ctx.device))
+        s = summarize(rows)
+        write_plot(rows, plot_dir / f"merging-rebasin-{name}.png",
+                   title=f"{name}: two MLPs {widths} from seeds {ctx.seed}/{ctx.seed + 1}, naive vs re-basin")
+        common = {"dataset": name, "widths": "x".join(map(str, widths)), "steps": steps}
+        out += [{**common, "row": "path", **r} for r in rows]
+        out.append({**common, "row": "summary", **s, "seconds": time.perf_counter() - t0})
+    return out
+
+
+register_suite("merging-rebasin", "loss barrier between two independently trained MLPs, naive vs Git Re-Basin",
+               options={"datasets": "datasets (default digits, fashion-mnist; quick: digits)",
+                        "steps": "training steps of each MLP (default 2000; quick 150)",
+                        "plot_dir": "folder of the merging-rebasin-<dataset>.png plots (default bench/results)"},
+               )(_rebasin_suite)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import edgetune.merging
-import edgetune.merging.stage  # noqa: F401  (registers the merge stage step)
 from edgetune.core.plugins import COMMANDS
+from edgetune.merging import bench_rebasin, stage  # noqa: F401  (register the merging-rebasin suite, the merge step)
 
 
 def _merge(args: argparse.Namespace) -> int:
