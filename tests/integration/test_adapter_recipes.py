@@ -23,10 +23,10 @@ def _summary(run_dir: Path, stage: str) -> dict:
     return json.loads((run_dir / "stages" / stage / "summary.json").read_text())
 
 
-def test_default_run_adds_lora_on_the_sparse_twin(tmp_path):
+def test_default_run_adds_lora_on_the_sparse_twin_and_a_soup(tmp_path):
     cfg = load_recipe("foundation/default", [*TINY, f"output_dir={tmp_path}"])
     res = run(cfg, tmp_path / "run", command="test")
-    assert res.summary["order"] == ["dense", "chts-1pct", "chts-lora"]
+    assert res.summary["order"] == ["dense", "chts-1pct", "chts-lora", "dense-a", "dense-b", "soup"]
     s = _summary(tmp_path / "run", "chts-lora")
     twin = _summary(tmp_path / "run", "chts-1pct")
     assert s["steps"] > 0 and s["model_source"] == "stage chts-1pct"
@@ -52,11 +52,18 @@ def test_default_run_adds_lora_on_the_sparse_twin(tmp_path):
     from edgetune.adapters.export import export_merged
     from edgetune.sparse.export import export_run
 
-    last = load_run_model(tmp_path / "run", with_data=True)
+    stage = tmp_path / "run" / "stages" / "chts-lora"
+    last = load_run_model(stage, with_data=True)
     for export in (export_merged, export_run):
         with pytest.raises(ConfigError, match="adapter-peft") as err:
-            export(last, tmp_path / "run", tmp_path / "exported")
+            export(last, stage, tmp_path / "exported")
         assert "layers.0" in str(err.value) and not (tmp_path / "exported").exists()
+    # the soup is the average of two fine-tunes of the dense model, evaluated and reported like any stage
+    a, b, soup = (load_file(str(tmp_path / "run" / "stages" / n / "model.safetensors"))
+                  for n in ("dense-a", "dense-b", "soup"))
+    assert all(torch.allclose(soup[k], (a[k] + b[k]) / 2) for k in soup)
+    s = _summary(tmp_path / "run", "soup")
+    assert s["merge_method"] == "linear" and s["steps"] == 0 and 0 < s["test_acc"] <= 1
 
 
 def test_sparse_backbone_recipe_runs_its_stages(tmp_path):

@@ -54,6 +54,10 @@ def test_merge_stage_equals_merging_the_saved_stages(merged_run):
     # two fine-tunes of one base on the same task: their TIES merge works as well as the base, not like noise
     assert accs["merged"] > 0.8 and accs["merged"] >= accs["pre"] - 0.05, accs
     assert "## Stage merged" in (merged_run / "report.md").read_text()
+    # the stage's saved config (the merge section written back flat) reloads, and so does its model
+    loaded = runner.load_run_model(st / "merged")
+    assert loaded.cfg.merge.method.density == 0.5
+    assert all(torch.equal(v, sds["merged"][k]) for k, v in loaded.model.state_dict().items())
 
 
 def test_keep_takes_tensors_from_the_stage_model(tmp_path):

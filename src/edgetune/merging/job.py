@@ -29,7 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SerializeAsAny, field_validator
 
 from edgetune.core.config import Config, apply_overrides, load_yaml, validate
 from edgetune.core.errors import ConfigError
@@ -65,7 +65,7 @@ class MergeJob(Config):
     models: list[MergeModel] = Field(min_length=1)
     base: str | None = None
     output: str
-    merge: MergeConfig
+    merge: SerializeAsAny[MergeConfig]
 
     @field_validator("models", mode="before")
     @classmethod

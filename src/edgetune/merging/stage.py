@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, model_serializer, model_validator
 from torch import Tensor
 
 from edgetune.core.config import Config, validate
@@ -53,7 +53,7 @@ class MergeStepConfig(Config):
     models: list[str] = Field(min_length=1)
     base: str | None = None
     keep: list[str] = Field(default_factory=list)
-    method: MergeConfig
+    method: SerializeAsAny[MergeConfig]
 
     @model_validator(mode="before")
     @classmethod
@@ -67,6 +67,13 @@ class MergeStepConfig(Config):
                 raise ValueError(str(err).removeprefix("invalid config: ")) from None
             return own
         return data
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Any) -> dict[str, Any]:
+        """Written back flat, as a recipe gives it (``method: ties`` beside ``models``), so saved configs reload."""
+        out = handler(self)
+        method = out.pop("method", None)
+        return {**out, **(method if isinstance(method, dict) else {})}
 
     @model_validator(mode="after")
     def _base(self) -> MergeStepConfig:
