@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from edgetune.adapters.io import load_adapter_, save_adapter
-from edgetune.adapters.layer import AdapterLayer, layer_info
-from edgetune.adapters.lora import LoraConfig, factor_shapes
+from edgetune.adapters.layer import AdapterLayer, LayerInfo, layer_info
+from edgetune.adapters.lora import LoraConfig, factor_shapes, max_rank
 from edgetune.adapters.model import (
     adapter_configs,
     adapter_layers,
@@ -270,7 +270,7 @@ def read_loras(model: nn.Module, sources: Sequence[str | Path]) -> list[Lora]:
     return out
 
 
-def _layer_info(model: nn.Module, path: str) -> object:
+def _layer_info(model: nn.Module, path: str) -> LayerInfo:
     try:
         m = model.get_submodule(path)
     except AttributeError:
@@ -290,20 +290,26 @@ def add_lora_(model: nn.Module, lora: Mapping[str, LayerLora], name: str = "merg
         raise ConfigError(f"the model already has an adapter named {name!r}; choose another name")
     check_loras([lora])
     infos = {p: _layer_info(model, p) for p in lora}
+    lora = dict(lora)
     for p, lay in lora.items():
+        if lay.scale <= 0:  # alpha = scale * rank must be positive: the sign goes into B
+            lora[p] = lay = LayerLora(lay.a, lay.b * lay.scale, 1.0)
+        limit = max_rank(infos[p])
+        if lay.rank > limit:  # a concatenation can outgrow the layer; its product has rank <= limit: exact
+            a2, b2 = lay.matrices()
+            a, b, _ = svd_factors(a2, b2 * lay.scale, limit)
+            lora[p] = lay = lay.like(a, b)
+            log.info("layer %r: merged rank above the layer's %d, re-factorised exactly at rank %d", p, limit, limit)
         want = factor_shapes(infos[p], lay.rank)
         if (tuple(lay.a.shape), tuple(lay.b.shape)) != want:
             raise ConfigError(f"layer {p!r}: the LoRA's {_describe(lay)} do not fit this model's layer (A {want[0]}, "
                               f"B {want[1]}); put it on the base model the adapters were trained on")
     ranks = {p: lay.rank for p, lay in lora.items()}
     alphas = {p: lay.scale * lay.rank for p, lay in lora.items()}
-    if any(a <= 0 for a in alphas.values()):
-        lora = {p: lay if lay.scale > 0 else LayerLora(lay.a, lay.b * lay.scale, 1.0) for p, lay in lora.items()}
-        alphas = {p: lay.scale * lay.rank for p, lay in lora.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     cfg = LoraConfig(name=name, rank=r, alpha=alpha, targets=[f"re:^{re.escape(p)}$" for p in lora],
-                     kinds=sorted({infos[p].kind for p in lora}),  # type: ignore[attr-defined]
+                     kinds=sorted({infos[p].kind for p in lora}),
                      rank_pattern={p: v for p, v in ranks.items() if v != r},
                      alpha_pattern={p: v for p, v in alphas.items() if v != alpha})
     add_adapter_(model, cfg, freeze=False, activate=activate)

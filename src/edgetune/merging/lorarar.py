@@ -35,7 +35,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -303,6 +302,6 @@ def load_lorarar(folder: str | Path) -> LoraRarNet:
     except Exception as err:  # safetensors' and torch's own error types
         raise CheckpointError(f"{weights} does not hold this network's tensors ({type(err).__name__}: {err})") from err
     net.eval()
-    if not all(math.isfinite(float(p.abs().sum())) for p in net.parameters()):
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in net.parameters()):
         raise CheckpointError(f"{weights} holds non-finite weights")
     return net
