@@ -7,7 +7,9 @@ Each method file registers its :class:`Merger` and config in :data:`MERGERS`; :f
 
 On files (safetensors, Hugging Face folders, edgetune run folders), :func:`stream_merge` merges tensor by tensor
 without holding whole models, and :func:`load_job` / :func:`run_merge` run an ``edgetune merge`` job file (or a
-mergekit YAML).
+mergekit YAML). LoRA adapters of one base merge as factors: :func:`lora_linear`, :func:`lora_concat`,
+:func:`lora_svd`, :func:`ziplora` (learned per-column coefficients) and LoRA.rar (:func:`train_lorarar` once, then
+:func:`lorarar_merge` in one forward pass per pair).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.dare import DareConfig
 from edgetune.merging.job import MergeJob, check_job, load_job, run_merge
 from edgetune.merging.linear import LinearConfig
+from edgetune.merging.lora_merge import lora_concat, lora_linear, lora_svd, read_loras, save_lora
+from edgetune.merging.lorarar import LoraRarConfig, load_lorarar, lorarar_merge, save_lorarar, train_lorarar
 from edgetune.merging.model_stock import ModelStockConfig
 from edgetune.merging.rebasin import (
     RebasinConfig,
@@ -40,9 +44,49 @@ from edgetune.merging.sources import TensorSource, check_compatible, open_source
 from edgetune.merging.stream import StreamReport, read_once_seconds, stream_merge
 from edgetune.merging.task_arithmetic import TaskArithmeticConfig
 from edgetune.merging.ties import TiesConfig
+from edgetune.merging.ziplora import ZipLoraConfig, ziplora
 
-__all__ = ["MERGERS", "BreadcrumbsConfig", "DareConfig", "LinearConfig", "MergeConfig", "MergeJob", "Merger",
-           "ModelStockConfig", "RebasinConfig", "StreamReport", "TaskArithmeticConfig", "TensorSource", "TiesConfig", "apply_permutation", "check_compatible", "check_inputs",
-           "check_job", "check_options", "interpolation_barrier", "load_job", "merge", "merge_state_dicts", "merger_for", "open_source",
-           "read_once_seconds", "rebasin_align", "run_merge", "spec_from_model", "stream_merge",
-           "weight_matching"]
+__all__ = [
+    "MERGERS",
+    "BreadcrumbsConfig",
+    "DareConfig",
+    "LinearConfig",
+    "LoraRarConfig",
+    "MergeConfig",
+    "MergeJob",
+    "Merger",
+    "ModelStockConfig",
+    "RebasinConfig",
+    "StreamReport",
+    "TaskArithmeticConfig",
+    "TensorSource",
+    "TiesConfig",
+    "ZipLoraConfig",
+    "apply_permutation",
+    "check_compatible",
+    "check_inputs",
+    "check_job",
+    "check_options",
+    "interpolation_barrier",
+    "load_job",
+    "load_lorarar",
+    "lora_concat",
+    "lora_linear",
+    "lora_svd",
+    "lorarar_merge",
+    "merge",
+    "merge_state_dicts",
+    "merger_for",
+    "open_source",
+    "read_loras",
+    "read_once_seconds",
+    "rebasin_align",
+    "run_merge",
+    "save_lora",
+    "save_lorarar",
+    "spec_from_model",
+    "stream_merge",
+    "train_lorarar",
+    "weight_matching",
+    "ziplora",
+]

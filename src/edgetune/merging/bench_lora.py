@@ -39,6 +39,7 @@ from torch import Tensor
 
 from edgetune.adapters.lora import LoraConfig
 from edgetune.adapters.model import add_adapter_, remove_adapters_, set_active_adapters_
+from edgetune.bench.harness import BenchContext, register_suite
 from edgetune.merging.lora_merge import Lora, add_lora_, lora_concat, lora_from_model, lora_linear, lora_svd
 from edgetune.merging.lorarar import LoraPair, LoraRarConfig, lorarar_merge, train_lorarar
 from edgetune.merging.ziplora import Grams, ZipLoraConfig, layer_grams, ziplora
@@ -254,3 +255,22 @@ def lora_merge_bench(*, train_tasks: int = 20, test_tasks: int = 8, train_pairs:
                  is not None else "", f"{r['seconds'] * 1e3:.2f} ms" if r["seconds"] else "")
     return rows
 
+
+
+# ------------------------------------------------------------------------------------------ the bench suite
+QUICK = {"train_tasks": 6, "test_tasks": 4, "train_pairs": 12, "test_pairs": 3, "lora_steps": 60, "n_train": 256,
+         "n_test": 256}
+
+
+def _suite(ctx: BenchContext) -> list[dict[str, Any]]:
+    sizes = dict(QUICK) if ctx.quick else {}
+    for key in ("train_tasks", "test_tasks", "train_pairs", "test_pairs", "lora_steps"):
+        if ctx.option(key) is not None:
+            sizes[key] = int(ctx.option(key))
+    return lora_merge_bench(seed=ctx.seed, **sizes)
+
+
+register_suite("merging-lora", "LoRA merging: linear, concat, SVD, ZipLoRA (per-pair optimisation) and LoRA.rar "
+               "(a hypernetwork, one forward pass) on held-out adapter pairs: quality and merge time",
+               options={k: f"override of {k} (quick: {v})" for k, v in QUICK.items() if k != "n_train"
+                        and k != "n_test"})(_suite)
