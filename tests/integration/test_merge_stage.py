@@ -81,3 +81,17 @@ def test_keep_takes_tensors_from_the_stage_model(tmp_path):
 def test_bad_merge_sections(tmp_path, merge, match):
     with pytest.raises(ConfigError, match=match):
         runner.run(load_recipe(recipe(tmp_path, merge)), tmp_path / "run")
+
+
+def test_edgetune_merge_of_run_folders_gives_a_loadable_model_folder(merged_run, tmp_path):
+    """`edgetune merge` on stage folders writes a folder that loads like the stages (config.yaml, model.json)."""
+    from edgetune.merging import load_job, run_merge
+
+    st = merged_run / "stages"
+    job = load_job({"method": "ties", "density": 0.5, "base": str(st / "pre"),
+                    "models": [str(st / "a"), str(st / "b")], "output": str(tmp_path / "merged")})
+    run_merge(job)
+    loaded = runner.load_run_model(tmp_path / "merged")
+    want = load_file(str(st / "merged" / "model.safetensors"))  # the merge stage did the same merge
+    assert all(torch.equal(v, want[k]) for k, v in loaded.model.state_dict().items())
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["copied"] == ["config.yaml", "model.json"]
