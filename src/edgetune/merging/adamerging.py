@@ -192,8 +192,8 @@ def prediction_entropy(module: nn.Module, state_dict: StateDict, data: Any, *, b
     try:
         for b in iter_batches(data, n_batches=n_batches, batch_size=batch_size, device=module_device(module)):
             logits = logits_of(functional_call(module, dict(state_dict), b.args, b.kwargs))
-            total += float(mean_entropy(logits)) * len(b)
-            n += len(b)
+            total += float(mean_entropy(logits)) * b.size
+            n += b.size
     finally:
         module.train(was_training)
     return total / n

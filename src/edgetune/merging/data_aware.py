@@ -31,7 +31,7 @@ from edgetune.core.errors import ConfigError
 from edgetune.data.batches import TARGET_KEY
 
 __all__ = ["IGNORE_INDEX", "ModelBatch", "check_module_keys", "cross_entropy", "data_aware_error", "iter_batches",
-           "logits_of", "mean_entropy", "merge_with_data", "module_device", "token_labels"]
+           "logits_of", "mean_entropy", "merge_with_data", "module_device"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class ModelBatch(NamedTuple):
     kwargs: dict[str, Tensor]
     target: Tensor | None
 
-    def __len__(self) -> int:  # type: ignore[override]
+    @property
+    def size(self) -> int:
+        """The number of examples (rows of the first input)."""
         first = self.args[0] if self.args else next(iter(self.kwargs.values()))
         return len(first)
 
@@ -106,7 +108,7 @@ def iter_batches(data: Any, *, n_batches: int | None = None, batch_size: int = 3
         if n_batches is not None and seen >= n_batches:
             break
         b = _split(raw, what)
-        if len(b) == 0:
+        if b.size == 0:
             continue
         seen += 1
         yield b if device is None else b.to(device)
@@ -142,11 +144,6 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
                           "the logits' shape without the last (class) axis")
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1).long(),
                            ignore_index=IGNORE_INDEX)
-
-
-def token_labels(logits: Tensor) -> Tensor:
-    """The model's own predicted labels ``(...)`` of logits ``(..., C)``."""
-    return logits.argmax(-1)
 
 
 def module_device(module: nn.Module) -> torch.device:

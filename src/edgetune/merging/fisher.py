@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
+from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
 from edgetune.merging.base import Merger, check_inputs
 from edgetune.merging.config import MERGERS, MergeConfig
@@ -112,7 +113,7 @@ def _square_grads_loop(f: Any, params: dict[str, Tensor], buffers: dict[str, Ten
     """``sum_b g_b^2`` with one backward pass per example (for models vmap cannot run)."""
     out = {k: torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for k, p in params.items()}
     leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
-    for i in range(len(b)):
+    for i in range(b.size):
         ll = f(leaves, buffers, tuple(a[i] for a in b.args), {k: v[i] for k, v in b.kwargs.items()}, y[i])
         gs = torch.autograd.grad(ll, list(leaves.values()), allow_unused=True)
         for k, g in zip(leaves, gs, strict=True):
@@ -153,7 +154,7 @@ def fisher_diagonal(model: nn.Module, data: Any, n_batches: int | None = None, *
             step = _square_grads_vmap if per_example == "vmap" else _square_grads_loop
             for k, sq in step(f, params, buffers, b, y).items():
                 sums[k] += sq
-            count += len(b)
+            count += b.size
     finally:
         model.train(was_training)
     log.info("Fisher (%s labels) of %d parameter tensors over %d examples", label, len(sums), count)
@@ -214,7 +215,7 @@ def fisher_merge(state_dicts: Sequence[StateDict], fishers: Sequence[Mapping[str
     :func:`fisher_merge_tensor`; the others (buffers) the ``weights``-weighted average, integer buffers copied.
     Weights (default 1 each) must be non-negative, not all 0. Output dtypes: model 0's.
     """
-    cfg = FisherConfig(weights=list(weights) if weights is not None else None, eps=eps)
+    cfg = validate(FisherConfig, {"weights": None if weights is None else list(weights), "eps": eps}, "fisher")
     check_inputs(FisherMerger(cfg), state_dicts, None)
     w = [1.0] * len(state_dicts) if weights is None else [float(x) for x in weights]
     if any(x < 0 for x in w) or sum(w) <= 0:

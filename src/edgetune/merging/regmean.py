@@ -28,6 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
 from edgetune.merging.base import Merger, check_inputs
 from edgetune.merging.config import MERGERS, MergeConfig
@@ -196,7 +197,7 @@ def regmean_merge(state_dicts: Sequence[StateDict], grams: Sequence[Mapping[str,
     other tensor the weighted average (``linear``). ``grams[i]``: model ``i``'s :func:`gram_matrices` (or plain
     ``(in, in)`` tensors, used as given). Weights (default 1 each) must be non-negative, not all 0.
     """
-    cfg = RegMeanConfig(weights=list(weights) if weights is not None else None, alpha=alpha)
+    cfg = validate(RegMeanConfig, {"weights": None if weights is None else list(weights), "alpha": alpha}, "regmean")
     check_inputs(RegMeanMerger(cfg), state_dicts, None)
     w = [1.0] * len(state_dicts) if weights is None else [float(x) for x in weights]
     if any(x < 0 for x in w) or sum(w) <= 0:

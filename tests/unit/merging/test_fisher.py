@@ -208,6 +208,8 @@ def test_errors() -> None:
         fisher_merge(sds, [{"zz": torch.ones(1)}, {"zz": torch.ones(1)}])
     with pytest.raises(ConfigError, match="non-negative"):
         fisher_merge(sds, good, weights=[1.0, -1.0])
+    with pytest.raises(ConfigError, match="finite"):
+        fisher_merge(sds, good, weights=[1.0, float("nan")])
     other = copy.deepcopy(sds[1])
     other["w"] = torch.zeros(2, 4)
     with pytest.raises(ConfigError, match="shapes differ"):

@@ -149,6 +149,8 @@ def test_errors() -> None:
     g = {"weight": Gram(torch.eye(5, dtype=torch.float64), 1)}
     with pytest.raises(ConfigError, match="no Gram for the linear layer 'weight' in model 1"):
         regmean_merge(sds, [g, {}])
+    with pytest.raises(ConfigError, match="alpha"):
+        regmean_merge(sds, [g, g], alpha=2.0)
     with pytest.raises(ConfigError, match="one dict of Grams"):
         regmean_merge(sds, [g])
     with pytest.raises(ConfigError, match="empty"):
