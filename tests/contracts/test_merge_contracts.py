@@ -18,7 +18,10 @@ import torch
 from edgetune.core.config import validate
 from edgetune.merging import MERGERS, MergeConfig, merge, merger_for
 
-METHODS = MERGERS.names()
+ALL = MERGERS.names()
+#: the methods that merge weights alone (the data-aware ones need a model and data: their own contracts below)
+METHODS = [m for m in ALL if not MERGERS.get(m).data_aware]
+DATA_AWARE = [m for m in ALL if MERGERS.get(m).data_aware]
 SD = dict[str, torch.Tensor]
 
 
@@ -55,7 +58,7 @@ def _close(a: SD, b: SD, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ALL)
 def test_registration(method: str) -> None:
     entry = MERGERS.entry(method)
     assert entry.config is not None and issubclass(entry.config, MergeConfig)
@@ -167,3 +170,38 @@ def test_integer_buffers_are_copied(method: str) -> None:
     out = merge(models, _cfg(method, dtype="bfloat16"), base=_base_if_needed(method, _base()))
     assert out["pos_ids"].dtype == torch.int64 and torch.equal(out["pos_ids"], models[0]["pos_ids"])
     assert out["pos_ids"].data_ptr() != models[0]["pos_ids"].data_ptr()
+
+
+# ------------------------------------------------------------------------------------------------ data-aware
+def _tiny() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(64, 5)
+    return net, x, net(x).argmax(1).detach()
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_data_aware_refuses_the_weights_only_paths(method: str, tmp_path) -> None:
+    from edgetune.core.errors import ConfigError
+    from edgetune.merging import stream_merge
+
+    net, _, _ = _tiny()
+    sd = net.state_dict()
+    with pytest.raises(ConfigError, match="data"):
+        merge([sd, sd], _cfg(method), base=sd)
+    with pytest.raises(ConfigError, match="data"):
+        stream_merge([sd, sd], merger_for(_cfg(method)), tmp_path / "x.safetensors", base=sd)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_data_aware_identical_inputs_return_the_input(method: str) -> None:
+    from edgetune.merging import merge_with_data, must_keep_from_reference
+
+    net, x, y = _tiny()
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    data = torch.utils.data.TensorDataset(x, y)
+    keep = must_keep_from_reference(net, x) if method == "safety" else None
+    out = merge_with_data(_cfg(method), net, [sd, sd], sd, data, must_keep=keep)
+    _close(out, sd, atol=1e-5)
+    assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())  # the module is not modified

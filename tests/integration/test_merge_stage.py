@@ -95,3 +95,30 @@ def test_edgetune_merge_of_run_folders_gives_a_loadable_model_folder(merged_run,
     want = load_file(str(st / "merged" / "model.safetensors"))  # the merge stage did the same merge
     assert all(torch.equal(v, want[k]) for k, v in loaded.model.state_dict().items())
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["copied"] == ["config.yaml", "model.json"]
+
+
+def test_data_aware_merges_run_on_the_stage_data(tmp_path):
+    """Fisher, RegMean, AdaMerging and safety as merge stages: they read the stage's (transformed) training split;
+    the merged models are real (between and near the fine-tunes), and safety needs its must-keep reference."""
+    r = recipe(tmp_path, {"method": "linear", "models": ["stage:a", "stage:b"]})
+    r["data"]["val_fraction"] = 0.1
+    two = {"models": ["stage:a", "stage:b"], "base": "stage:pre"}
+    r["stages"][3:] = [
+        {"name": "fisher", "step": "merge", "model": {"from": "stage:a"},
+         "merge": {"method": "fisher", "models": two["models"], "n_batches": 4}},
+        {"name": "regmean", "step": "merge", "model": {"from": "stage:a"},
+         "merge": {"method": "regmean", "models": two["models"], "n_batches": 4}},
+        {"name": "ada", "step": "merge", "model": {"from": "stage:a"},
+         "merge": {"method": "adamerging", **two, "steps": 10, "n_batches": 2}},
+        {"name": "safety", "step": "merge", "model": {"from": "stage:a"},
+         "merge": {"method": "safety", **two, "must_keep_from": "stage:pre", "steps": 10, "n_batches": 2}},
+    ]
+    runner.run(load_recipe(r), tmp_path / "run")
+    st = tmp_path / "run" / "stages"
+    accs = {n: json.loads((st / n / "summary.json").read_text())["test_acc"] for n in
+            ("pre", "a", "b", "fisher", "regmean", "ada", "safety")}
+    for n in ("fisher", "regmean", "ada", "safety"):
+        assert accs[n] > min(accs["a"], accs["b"]) - 0.1, accs
+    with pytest.raises(ConfigError, match="must_keep_from"):
+        runner.run(load_recipe(recipe(tmp_path, {"method": "safety", **two})), tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()  # refused when the stages are read, before any training

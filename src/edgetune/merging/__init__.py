@@ -15,18 +15,25 @@ mergekit YAML). LoRA adapters of one base merge as factors: :func:`lora_linear`,
 from __future__ import annotations
 
 from edgetune.merging import (  # noqa: F401  (registration: each method file registers itself)
+    adamerging,
     breadcrumbs,
     dare,
+    fisher,
     linear,
     model_stock,
     rebasin,
+    regmean,
+    safety,
     task_arithmetic,
     ties,
 )
+from edgetune.merging.adamerging import AdaMergingConfig
 from edgetune.merging.base import Merger, check_inputs, check_options, merge, merge_state_dicts, merger_for
 from edgetune.merging.breadcrumbs import BreadcrumbsConfig
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.dare import DareConfig
+from edgetune.merging.data_aware import merge_with_data
+from edgetune.merging.fisher import FisherConfig, fisher_diagonal, fisher_merge
 from edgetune.merging.job import MergeJob, check_job, load_job, run_merge
 from edgetune.merging.linear import LinearConfig
 from edgetune.merging.lora_merge import lora_concat, lora_linear, lora_svd, read_loras, save_lora
@@ -40,53 +47,21 @@ from edgetune.merging.rebasin import (
     spec_from_model,
     weight_matching,
 )
+from edgetune.merging.regmean import RegMeanConfig, gram_matrices, regmean_merge
+from edgetune.merging.safety import SafetyConfig, must_keep_from_reference, safety_merge
 from edgetune.merging.sources import TensorSource, check_compatible, open_source
 from edgetune.merging.stream import StreamReport, read_once_seconds, stream_merge
 from edgetune.merging.task_arithmetic import TaskArithmeticConfig
 from edgetune.merging.ties import TiesConfig
 from edgetune.merging.ziplora import ZipLoraConfig, ziplora
 
-__all__ = [
-    "MERGERS",
-    "BreadcrumbsConfig",
-    "DareConfig",
-    "LinearConfig",
-    "LoraRarConfig",
-    "MergeConfig",
-    "MergeJob",
-    "Merger",
-    "ModelStockConfig",
-    "RebasinConfig",
-    "StreamReport",
-    "TaskArithmeticConfig",
-    "TensorSource",
-    "TiesConfig",
-    "ZipLoraConfig",
-    "apply_permutation",
-    "check_compatible",
-    "check_inputs",
-    "check_job",
-    "check_options",
-    "interpolation_barrier",
-    "load_job",
-    "load_lorarar",
-    "lora_concat",
-    "lora_linear",
-    "lora_svd",
-    "lorarar_merge",
-    "merge",
-    "merge_state_dicts",
-    "merger_for",
-    "open_source",
-    "read_loras",
-    "read_once_seconds",
-    "rebasin_align",
-    "run_merge",
-    "save_lora",
-    "save_lorarar",
-    "spec_from_model",
-    "stream_merge",
-    "train_lorarar",
-    "weight_matching",
-    "ziplora",
-]
+__all__ = ["MERGERS", "AdaMergingConfig", "BreadcrumbsConfig", "DareConfig", "FisherConfig", "LinearConfig",
+           "LoraRarConfig", "MergeConfig", "MergeJob", "Merger", "ModelStockConfig",
+           "RebasinConfig", "RegMeanConfig", "SafetyConfig", "StreamReport", "TaskArithmeticConfig",
+           "TensorSource", "TiesConfig", "ZipLoraConfig", "apply_permutation", "check_compatible",
+           "check_inputs", "check_job", "check_options", "fisher_diagonal", "fisher_merge", "gram_matrices",
+           "interpolation_barrier", "load_job", "load_lorarar", "lora_concat", "lora_linear", "lora_svd",
+           "lorarar_merge", "merge", "merge_state_dicts", "merge_with_data", "merger_for",
+           "must_keep_from_reference", "open_source", "read_loras", "read_once_seconds", "rebasin_align",
+           "regmean_merge", "run_merge", "safety_merge", "save_lora", "save_lorarar", "spec_from_model",
+           "stream_merge", "train_lorarar", "weight_matching", "ziplora"]

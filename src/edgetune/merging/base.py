@@ -38,6 +38,8 @@ class Merger:
     takes_weights: the method takes one weight per model (``weights``).
     whole_model: the method needs every tensor of every model at once (re-basin aligns whole models before the
         key-by-key merge, in :meth:`prepare`): it cannot stream.
+    data_aware: the method needs the model and data (Fisher, RegMean, AdaMerging, safety):
+        :func:`edgetune.merging.merge_with_data`, or a merge stage, which has both.
     """
 
     needs_base: ClassVar[bool] = True
@@ -45,6 +47,7 @@ class Merger:
     density_option: ClassVar[str | None] = None
     takes_weights: ClassVar[bool] = True
     whole_model: ClassVar[bool] = False
+    data_aware: ClassVar[bool] = False
 
     def __init__(self, cfg: MergeConfig) -> None:
         self.cfg = cfg

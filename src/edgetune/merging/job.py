@@ -171,6 +171,10 @@ def check_job(job: MergeJob) -> None:
     """Everything that can be checked without merging: the method's options against the number of models and the
     base, each input readable, every input of the same names and shapes (from the headers only)."""
     merger = merger_for(job.weighted_config())
+    if merger.data_aware:
+        raise ConfigError(f"method {merger.cfg.method!r} needs data and the model, which a merge job on files does not "
+                          "have: run it as a merge stage of a recipe (step: merge, with the stage's data), or call "
+                          "edgetune.merging.merge_with_data in Python")
     check_options(merger, len(job.models), job.base is not None)
     with ExitStack() as stack:
         sources = [stack.enter_context(open_source(m.model)) for m in job.models]

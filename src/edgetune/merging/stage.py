@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -31,14 +31,14 @@ from edgetune.core.config import Config, validate
 from edgetune.core.errors import ConfigError
 from edgetune.core.select import _matches
 from edgetune.merging.base import merge_state_dicts
-from edgetune.merging.config import MergeConfig
+from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.pipeline.steps import STEPS, StepContext, register_step
 
 __all__ = ["MergeStepConfig"]
 
 log = logging.getLogger(__name__)
 
-_OWN = ("models", "base", "keep")
+_OWN = ("models", "base", "keep", "must_keep_from")
 
 
 class MergeStepConfig(Config):
@@ -48,11 +48,16 @@ class MergeStepConfig(Config):
         file or a Hugging Face folder). base: the model they were fine-tuned from (the task-vector methods need
         it). keep: name patterns of tensors taken from the stage's own model instead of merged (``head``: its
         classification head). Every other key is the merge method's config (``method: ties``, ``density``...).
+    must_keep_from: for ``method: safety``, the model (``stage:NAME`` or a path) whose predictions on the stage's
+        validation split are the behaviour the merge must keep (set ``data.val_fraction``).
+
+    The data-aware methods (fisher, regmean, adamerging, safety) measure / learn on the stage's training split.
     """
 
     models: list[str] = Field(min_length=1)
     base: str | None = None
     keep: list[str] = Field(default_factory=list)
+    must_keep_from: str | None = None
     method: SerializeAsAny[MergeConfig]
 
     @model_validator(mode="before")
@@ -77,11 +82,13 @@ class MergeStepConfig(Config):
 
     @model_validator(mode="after")
     def _base(self) -> MergeStepConfig:
-        from edgetune.merging.config import MERGERS
-
         if self.base is None and MERGERS.get(self.method.method).needs_base:
             raise ValueError(f"method {self.method.method!r} needs a base model: add `base: stage:NAME` (the stage the "
                              "merged models were fine-tuned from) or a path")
+        if (self.method.method == "safety") != (self.must_keep_from is not None):
+            raise ValueError("method safety needs `must_keep_from: stage:NAME` (the model whose behaviour the merge "
+                             "keeps), and only safety takes it" if self.method.method == "safety" else
+                             f"must_keep_from is an option of method safety, not of {self.method.method}; remove it")
         return self
 
 
@@ -116,6 +123,46 @@ def _kept(names: list[str], patterns: list[str], head: str | None) -> set[str]:
     return kept
 
 
+class _Batches:
+    """A split read in order in batches with the stage's per-batch transform applied (as the loop sees it);
+    iterable any number of times (AdaMerging and safety pass over the data for every step)."""
+
+    def __init__(self, split: Any, ctx: StepContext, batch_size: int) -> None:
+        self.split, self.ctx, self.batch_size = split, ctx, batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        from edgetune.data.batches import take, to_device
+
+        n = len(self.split)
+        for i in range(0, n, self.batch_size):
+            batch = to_device(take(self.split, torch.arange(i, min(n, i + self.batch_size))), self.ctx.device)
+            yield self.ctx.transform(batch) if self.ctx.transform is not None else batch
+
+
+def _merge_with_data(ctx: StepContext, opts: MergeStepConfig, states: list[dict[str, Tensor]],
+                     base: dict[str, Tensor] | None, names: list[str]) -> dict[str, Tensor]:
+    """Fisher / RegMean / AdaMerging / safety on the stage's training split, through the stage's own model."""
+    from edgetune.merging.data_aware import merge_with_data
+    from edgetune.merging.safety import must_keep_from_reference
+
+    model = ctx.loaded.model
+    bs = int(getattr(opts.method, "batch_size", 32))
+    own = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # the kept tensors are the stage model's in every input, so no method moves them
+    full = [{**own, **{k: sd[k] for k in names}} for sd in states]
+    full_base = None if base is None else {**own, **{k: base[k] for k in names}}
+    must_keep = None
+    if opts.must_keep_from is not None:
+        if ctx.data.val is None:
+            raise ConfigError("merge: method safety labels the stage's validation split with must_keep_from's "
+                              "predictions; this stage has none: set data.val_fraction (e.g. 0.1)")
+        ref = {**own, **{k: v for k, v in _state_of(opts.must_keep_from, ctx).items() if k in names}}
+        must_keep = must_keep_from_reference(model, _Batches(ctx.data.val, ctx, bs), state_dict=ref)
+    merged = merge_with_data(opts.method, model, full, full_base, _Batches(ctx.data.train, ctx, bs),
+                             must_keep=must_keep)
+    return {k: merged[k] for k in names}
+
+
 @register_step("merge", config=MergeStepConfig,
                summary="merge earlier stages / run folders / files into this stage's model, then evaluate")
 def merge_step(ctx: StepContext) -> dict[str, Any]:
@@ -138,8 +185,11 @@ def merge_step(ctx: StepContext) -> dict[str, Any]:
             raise ConfigError(f"merge: {k!r} is {tuple(sd[k].shape)} in {spec} but {tuple(own[k].shape)} in the "
                               f"stage's model ({len(bad)} such tensor(s)); a task-specific head differs in size: "
                               "keep it from the stage's model with merge.keep: [head]")
-    pick = [{k: sd[k] for k in names} for sd in states]
-    merged = merge_state_dicts(pick, opts.method, base=None if base is None else {k: base[k] for k in names})
+    if MERGERS.get(opts.method.method).data_aware:
+        merged = _merge_with_data(ctx, opts, states, base, names)
+    else:
+        pick = [{k: sd[k] for k in names} for sd in states]
+        merged = merge_state_dicts(pick, opts.method, base=None if base is None else {k: base[k] for k in names})
     with torch.no_grad():
         for k, v in merged.items():
             own[k].copy_(v.to(own[k].dtype))

@@ -241,6 +241,10 @@ def stream_merge(
         raise ConfigError("nothing to merge: give at least one model")
     owner = getattr(getattr(merge_tensor, "merge_tensor", None), "__self__", merge_tensor)
     if isinstance(owner, Merger):  # weights, density, base: checked before anything is read or written
+        if owner.data_aware:
+            raise ConfigError(f"method {owner.cfg.method!r} needs the model and data, not only weights: use "
+                              "edgetune.merging.merge_with_data(...) or a merge stage of a recipe (step: merge), "
+                              "whose data and model it uses")
         if owner.whole_model:
             raise ConfigError(f"method {owner.cfg.method!r} needs whole models at once and cannot stream tensor by "
                               "tensor; merge in memory with merge_state_dicts (edgetune merge and the merge stage "

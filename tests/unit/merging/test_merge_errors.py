@@ -153,6 +153,7 @@ def test_inputs_are_left_unchanged() -> None:
     models, base = [_sd(), _sd()], _sd()
     before = [{k: v.clone() for k, v in m.items()} for m in (*models, base)]
     for method in MERGERS.names():
-        merge(models, {"method": method}, base=base)
+        if not MERGERS.get(method).data_aware:  # those need a model and data: tests/unit/merging/test_{fisher,...}
+            merge(models, {"method": method}, base=base)
     for m, b in zip((*models, base), before, strict=True):
         assert all(torch.equal(m[k], b[k]) for k in b)
