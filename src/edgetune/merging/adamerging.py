@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -30,9 +30,9 @@ from edgetune.core.errors import ConfigError
 from edgetune.merging.base import Merger, check_inputs
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.data_aware import (
+    DataAwareMerger,
     ModelBatch,
     check_module_keys,
-    data_aware_error,
     iter_batches,
     logits_of,
     mean_entropy,
@@ -217,18 +217,12 @@ def adamerging(module: nn.Module, base: StateDict | None, state_dicts: Sequence[
     return learn_coefficients(module, base, state_dicts, objective, cfg, AdaMergingMerger(cfg))
 
 
-class AdaMergingMerger(Merger):
+class AdaMergingMerger(DataAwareMerger):
     """AdaMerging: data-aware, so the per-tensor path refuses (see :func:`adamerging`)."""
 
     takes_weights = False
-    data_aware: ClassVar[bool] = True
+    use = _USE
     cfg: AdaMergingConfig
-
-    def prepare(self, models: Sequence[StateDict], base: StateDict | None) -> Sequence[StateDict]:
-        raise data_aware_error(self.cfg.method, _USE)
-
-    def merge_tensor(self, name: str, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
-        raise data_aware_error(self.cfg.method, _USE)
 
 
 MERGERS.add("adamerging", AdaMergingMerger, config=AdaMergingConfig, data_aware=True,

@@ -21,7 +21,7 @@ import copy
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +29,9 @@ from torch.nn import functional as F
 
 from edgetune.core.errors import ConfigError
 from edgetune.data.batches import TARGET_KEY
+from edgetune.merging.base import Merger
 
-__all__ = ["IGNORE_INDEX", "ModelBatch", "check_module_keys", "cross_entropy", "data_aware_error", "iter_batches",
+__all__ = ["IGNORE_INDEX", "DataAwareMerger", "ModelBatch", "check_module_keys", "cross_entropy", "data_aware_error", "iter_batches",
            "logits_of", "mean_entropy", "merge_with_data", "module_device"]
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,21 @@ def data_aware_error(method: str, use: str) -> ConfigError:
     return ConfigError(f"merge method {method!r} is data-aware: it needs the model and data, not only tensors, so it "
                        f"cannot run through merge()/stream_merge tensor by tensor; use {use} or "
                        "merging.data_aware.merge_with_data(cfg, module, state_dicts, base, data), or a merge stage "
-                       "with `data:`")
+                       "(step: merge), which merges on the stage's data")
+
+
+class DataAwareMerger(Merger):
+    """The registered Merger of a data-aware method: it refuses the per-tensor paths, naming ``use`` (the function
+    to call instead); :func:`merge_with_data` runs the method."""
+
+    data_aware: ClassVar[bool] = True
+    use: ClassVar[str] = ""
+
+    def prepare(self, models: Sequence[StateDict], base: StateDict | None) -> Sequence[StateDict]:
+        raise data_aware_error(self.cfg.method, self.use)
+
+    def merge_tensor(self, name: str, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
+        raise data_aware_error(self.cfg.method, self.use)
 
 
 def _per_model(data: Any, n: int, per_model: bool) -> list[Any]:

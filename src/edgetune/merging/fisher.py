@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -27,12 +27,12 @@ from torch.nn import functional as F
 
 from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
-from edgetune.merging.base import Merger, check_inputs
+from edgetune.merging.base import check_inputs
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.data_aware import (
     IGNORE_INDEX,
+    DataAwareMerger,
     ModelBatch,
-    data_aware_error,
     iter_batches,
     logits_of,
     module_device,
@@ -235,18 +235,12 @@ def fisher_merge(state_dicts: Sequence[StateDict], fishers: Sequence[Mapping[str
     return out
 
 
-class FisherMerger(Merger):
+class FisherMerger(DataAwareMerger):
     """Fisher merging: data-aware, so the per-tensor path refuses (see :func:`fisher_merge`)."""
 
     needs_base = False
-    data_aware: ClassVar[bool] = True
+    use = _USE
     cfg: FisherConfig
-
-    def prepare(self, models: Sequence[StateDict], base: StateDict | None) -> Sequence[StateDict]:
-        raise data_aware_error(self.cfg.method, _USE)
-
-    def merge_tensor(self, name: str, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
-        raise data_aware_error(self.cfg.method, _USE)
 
 
 MERGERS.add("fisher", FisherMerger, config=FisherConfig, data_aware=True,

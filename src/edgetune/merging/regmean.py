@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import Field
@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
-from edgetune.merging.base import Merger, check_inputs
+from edgetune.merging.base import check_inputs
 from edgetune.merging.config import MERGERS, MergeConfig
-from edgetune.merging.data_aware import data_aware_error, iter_batches, module_device
+from edgetune.merging.data_aware import DataAwareMerger, iter_batches, module_device
 from edgetune.merging.linear import LinearConfig, LinearMerger
 
 __all__ = ["Gram", "RegMeanConfig", "RegMeanMerger", "check_grams_cover", "gram_matrices", "linear_weight_keys",
@@ -215,18 +215,12 @@ def regmean_merge(state_dicts: Sequence[StateDict], grams: Sequence[Mapping[str,
     return out
 
 
-class RegMeanMerger(Merger):
+class RegMeanMerger(DataAwareMerger):
     """RegMean: data-aware, so the per-tensor path refuses (see :func:`regmean_merge`)."""
 
     needs_base = False
-    data_aware: ClassVar[bool] = True
+    use = _USE
     cfg: RegMeanConfig
-
-    def prepare(self, models: Sequence[StateDict], base: StateDict | None) -> Sequence[StateDict]:
-        raise data_aware_error(self.cfg.method, _USE)
-
-    def merge_tensor(self, name: str, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
-        raise data_aware_error(self.cfg.method, _USE)
 
 
 MERGERS.add("regmean", RegMeanMerger, config=RegMeanConfig, data_aware=True,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -28,11 +28,10 @@ from torch.func import functional_call
 from edgetune.core.errors import ConfigError
 from edgetune.data.batches import TARGET_KEY
 from edgetune.merging.adamerging import CoefficientResult, Forward, batch_cycle, config_of, learn_coefficients
-from edgetune.merging.base import Merger
 from edgetune.merging.config import MERGERS, MergeConfig
 from edgetune.merging.data_aware import (
+    DataAwareMerger,
     cross_entropy,
-    data_aware_error,
     iter_batches,
     logits_of,
     mean_entropy,
@@ -136,18 +135,12 @@ def safety_merge(module: nn.Module, base: StateDict | None, state_dicts: Sequenc
     return learn_coefficients(module, base, state_dicts, objective, cfg, SafetyMerger(cfg))
 
 
-class SafetyMerger(Merger):
+class SafetyMerger(DataAwareMerger):
     """Safety-preserving merge: data-aware, so the per-tensor path refuses (see :func:`safety_merge`)."""
 
     takes_weights = False
-    data_aware: ClassVar[bool] = True
+    use = _USE
     cfg: SafetyConfig
-
-    def prepare(self, models: Sequence[StateDict], base: StateDict | None) -> Sequence[StateDict]:
-        raise data_aware_error(self.cfg.method, _USE)
-
-    def merge_tensor(self, name: str, tensors: Sequence[Tensor], base: Tensor | None) -> Tensor:
-        raise data_aware_error(self.cfg.method, _USE)
 
 
 MERGERS.add("safety", SafetyMerger, config=SafetyConfig, data_aware=True,
