@@ -13,8 +13,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from edgetune.core.config import Config
-from edgetune.core.errors import did_you_mean
+from edgetune.core.config import Config, method_config
 from edgetune.core.registry import Registry
 
 __all__ = ["ADAPTERS", "KINDS", "AdapterConfig"]
@@ -65,14 +64,10 @@ class AdapterConfig(Config):
     @classmethod
     def _dispatch(cls, data: Any, handler: Any) -> Any:
         """A mapping validated against the base class becomes the config class of its ``method``."""
-        if cls is AdapterConfig and isinstance(data, dict):
-            method = str(data.get("method", "lora")).lower()
-            target = ADAPTERS.entry(method).config if method in ADAPTERS else None
-            if target is None:
-                raise ValueError(f"unknown adapter method {method!r}.{did_you_mean(method, ADAPTERS.names())} "
-                                 f"Known: {', '.join(ADAPTERS.names())}")
-            if target is not AdapterConfig:
-                return target.model_validate({**data, "method": method})
+        if cls is AdapterConfig:
+            out = method_config(AdapterConfig, data, ADAPTERS, "adapter", default="lora")
+            if out is not None:
+                return out
         return handler(data)
 
     @field_validator("method")

@@ -48,6 +48,26 @@ class Config(BaseModel):
         return validate(type(self), {**self.to_dict(), **changes})
 
 
+def method_config(base: type[BaseModel], data: Any, registry: Any, kind: str, default: str | None = None) -> Any:
+    """For a ``mode="wrap"`` validator of a family's config base class: a mapping given to ``base`` is validated by
+    the config class registered for its ``method`` in ``registry`` (so an option of another method is rejected by
+    name). Returns that object, or None where ``base``'s own handler should run (not a mapping, or the method's
+    config is ``base`` itself). ``default``: the method when ``data`` names none (None: ``method`` is required)."""
+    if not isinstance(data, dict):
+        return None
+    known = ", ".join(registry.names())
+    method = data.get("method", default)
+    if method is None:
+        raise ValueError(f"say which {kind} method to use: `method:` one of {known}")
+    method = str(method).lower()
+    target = registry.entry(method).config if method in registry else None
+    if target is None:
+        raise ValueError(f"unknown {kind} method {method!r}.{did_you_mean(method, registry.names())} Known: {known}")
+    if target is base:
+        return None
+    return target.model_validate({**data, "method": method})
+
+
 def _submodel(ann: Any) -> Any:
     """The pydantic model inside ``ann`` (unwrapping ``X | None``), or ``ann`` itself."""
     args = getattr(ann, "__args__", None)

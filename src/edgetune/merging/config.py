@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from edgetune.core.config import Config
+from edgetune.core.config import Config, method_config
 from edgetune.core.errors import did_you_mean
 from edgetune.core.registry import Registry
 
@@ -54,17 +54,10 @@ class MergeConfig(Config):
     @classmethod
     def _dispatch(cls, data: Any, handler: Any) -> Any:
         """A mapping validated against the base class becomes the config class of its ``method``."""
-        if cls is MergeConfig and isinstance(data, dict):
-            known = ", ".join(MERGERS.names())
-            if data.get("method") is None:
-                raise ValueError(f"say which merge method to use: `method:` one of {known}")
-            method = str(data["method"]).lower()
-            target = MERGERS.entry(method).config if method in MERGERS else None
-            if target is None:
-                raise ValueError(f"unknown merge method {method!r}.{did_you_mean(method, MERGERS.names())} "
-                                 f"Known: {known}")
-            if target is not MergeConfig:
-                return target.model_validate({**data, "method": method})
+        if cls is MergeConfig:
+            out = method_config(MergeConfig, data, MERGERS, "merge")
+            if out is not None:
+                return out
         return handler(data)
 
     @field_validator("method")
