@@ -7,19 +7,30 @@ mergekit's with no effect on the result).
 
 Method by method (mergekit name -> edgetune):
 
-- ``linear`` -> ``linear`` (``weight`` per model, ``normalize``, default true);
+- ``linear`` -> ``linear`` (``weight`` per model, ``normalize``, default true). As in mergekit, a ``base_model``
+  is averaged like any other model: list it in ``models`` with its weight (mergekit refuses it otherwise);
 - ``task_arithmetic`` -> ``task_arithmetic`` (``weight``, ``lambda`` -> ``scaling``; ``normalize: true``, off by
   default in mergekit, divides the weights by their sum);
 - ``ties`` -> ``ties`` (``density`` per model, default 1 as in mergekit; ``normalize`` -> ``disjoint_mean``);
 - ``dare_linear`` / ``dare_ties`` -> ``dare`` with ``combine: sum`` / ``ties``. mergekit rescales the kept entries
   so the task vector keeps its L1 norm; edgetune by ``1 / density`` as the DARE paper does (equal in expectation;
   ``rescale: false`` is not supported);
-- ``breadcrumbs`` -> ``breadcrumbs`` (``gamma`` -> ``beta``);
+- ``breadcrumbs`` -> ``breadcrumbs`` (``gamma`` -> ``beta``, cut to ``1 - density`` where the two pass 1, as
+  mergekit's counts do);
 - ``model_stock`` -> ``model_stock`` (per tensor, mergekit's ``filter_wise: false``).
 
-Known numerical differences: edgetune keeps ``round(density * n)`` entries where mergekit keeps
-``int(density * n)``, and where the elected sign's mass is exactly zero TIES keeps nothing where mergekit counts it
-positive. The per-model ``density``/``gamma`` must be one value for all models (edgetune's configs take one).
+Known differences, measured against mergekit 0.1.5 by ``scripts/compare_mergekit.py``
+(``bench/results/merging-mergekit-parity.md``; everything else agrees to float32 rounding or exactly):
+
+- edgetune keeps ``round(density * n)`` entries where mergekit keeps ``int(density * n)`` (TIES, breadcrumbs);
+- where the elected sign's mass is exactly zero, TIES keeps nothing where mergekit counts it positive;
+- TIES's disjoint mean divides by the sum of ``|w_i|`` over the agreeing models, mergekit by the signed sum: they
+  differ only with negative weights;
+- ``dtype`` is the output dtype here; mergekit also computes in it (edgetune computes in float32), about one
+  bfloat16 rounding step apart;
+- model_stock: a mean cosine below 0 gives the base here (ratio clamped to [0, 1]); mergekit extrapolates;
+- DARE's rescaling (above). The per-model ``density``/``gamma`` must be one value for all models (edgetune's
+  configs take one).
 """
 
 from __future__ import annotations
@@ -131,7 +142,7 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> di
             raise ConfigError(f"{at}: unknown key {extra[0]!r}; a model entry has model and parameters")
         ref = _model_ref(entry["model"], at)
         params = dict(entry.get("parameters") or {})
-        if base is not None and ref == base:  # mergekit lists the base among the models; it is not merged
+        if base is not None and ref == base and method != "linear":  # listed too; task-vector methods skip it
             continue
         for key, value in params.items():
             if key not in _PER_MODEL[method]:
@@ -149,8 +160,11 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> di
         if key not in _GLOBAL[method]:
             raise ConfigError(f"{where}: parameter {key!r} is not supported for {method}; global parameters there: "
                               f"{', '.join(sorted(_GLOBAL[method]))}")
+    if method == "linear" and base is not None and base not in [m["model"] for m in models]:
+        raise ConfigError(f"{where}: linear averages base_model {base!r} like the other models (as mergekit does), so "
+                          "it needs a weight: list it in models with parameters: {weight: W}, or remove base_model")
     out: dict[str, Any] = {"method": ours, **fixed}
-    if base is not None:
+    if base is not None and method != "linear":
         out["base"] = base
     weights = per_model.get("weight")
     if weights is not None and len(weights) != len(models):
@@ -181,6 +195,8 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> di
         out["density"] = 1.0  # mergekit's default (edgetune's own defaults are the papers')
     if method == "breadcrumbs" and out["density"] >= 1:
         out["beta"] = 0.0  # mergekit keeps every entry at density 1, gamma or not
+    elif method == "breadcrumbs" and out.get("beta", 0.01) + out["density"] > 1:
+        out["beta"] = 1.0 - out["density"]  # mergekit removes fewer outliers to keep `density` of the entries
     if "lambda" in globals_:
         out["scaling"] = _number(globals_["lambda"], "lambda", where)
     if "rescale" in globals_ and not _bool(globals_["rescale"], "rescale", where):

@@ -217,3 +217,19 @@ def test_whole_model_method_runs_in_memory(tmp_path):
     with pytest.raises(ConfigError, match="cannot stream"):
         stream_merge([str(p) for p, _ in sds], merger_for({"method": "rebasin"}), tmp_path / "no.safetensors")
     assert not (tmp_path / "no.safetensors").exists()
+
+
+def test_mergekit_linear_averages_the_base_and_breadcrumbs_cuts_gamma(models):
+    """Found by running mergekit side by side (scripts/compare_mergekit.py): mergekit's linear averages a listed
+    base_model like any model and refuses an unlisted one; breadcrumbs removes fewer outliers when density + gamma
+    pass 1."""
+    base = str(models["base"])
+    ft = [{"model": str(models["ft1"]), "parameters": {"weight": 1.0}}]
+    lin = from_mergekit({"merge_method": "linear", "base_model": base,
+                         "models": [{"model": base, "parameters": {"weight": 1.0}}, *ft]})
+    assert lin["models"] == [base, str(models["ft1"])] and "base" not in lin and lin["weights"] == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="needs a weight"):
+        from_mergekit({"merge_method": "linear", "base_model": base, "models": ft})
+    bc = from_mergekit({"merge_method": "breadcrumbs", "base_model": base,
+                        "models": [{"model": str(models["ft1"]), "parameters": {"weight": 1, "density": 0.995}}]})
+    assert bc["density"] == 0.995 and abs(bc["beta"] - 0.005) < 1e-12
