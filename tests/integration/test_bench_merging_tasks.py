@@ -1,0 +1,67 @@
+"""``merging-tasks`` suite (quick): every data-free merge method runs on five fine-tunes of one MLP backbone, the rows,
+table and plot are written, and the merges keep the tasks.
+
+Measured on the quick suite, seeds 0-5 (CPU, one thread, torch 2.13): the base backbone with the tasks' heads
+reaches 0.74-0.86 of the fine-tunes' accuracy (normalized); TIES 0.048-0.124 above it (its sign election keeps
+``digits-inverted``, whose task vector conflicts with ``digits``), task arithmetic 0.006-0.056 above; every merge
+0.75 or more. A merge that drops the task vectors (the base) or breaks the weights fails the checks.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+import edgetune.merging.bench  # noqa: F401  (registers the suite until merging/family.py imports it)
+from edgetune.bench import run_suite
+from edgetune.core.errors import ConfigError
+from edgetune.merging.bench.tasks import runnable_methods
+
+TIES_MARGIN = 0.025  # TIES normalized accuracy above the base's (min over seeds 0-5: 0.048)
+FLOOR = 0.65  # every merge's normalized accuracy (min over seeds 0-5: 0.747; a broken merge is near 0.1-0.2)
+
+
+def test_quick_suite_merges_keep_the_tasks(tmp_path: Path) -> None:
+    out = tmp_path / "merging-tasks.csv"
+    rows = run_suite("merging-tasks", out_csv=out, quick=True, out_dir=tmp_path / "work", threads=1)
+    mean = {(r["case"], r["method"]): r for r in rows if r["task"] == "mean"}
+    methods, _ = runnable_methods()
+    assert {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "model_stock"} <= set(methods)
+    for case in ("tasks", "bad-model"):
+        assert {m for c, m in mean if c == case} >= set(methods), case
+    assert ("bad-model", "bad model alone") in mean
+
+    names = rows[0]["tasks"].split(",")
+    assert len(names) == 5
+    fine = [r for r in rows if r["method"] == "fine-tuned"]
+    assert len(fine) == len(names) + 1 and all(r["norm_acc"] == 1.0 for r in fine)
+
+    base = mean[("tasks", "base")]["norm_acc"]
+    ties = mean[("tasks", "ties")]["norm_acc"]
+    assert ties > base + TIES_MARGIN, (ties, base)
+    low = {m: mean[("tasks", m)]["norm_acc"] for m in methods if mean[("tasks", m)]["norm_acc"] < FLOOR}
+    assert not low, low
+    bad_alone = mean[("bad-model", "bad model alone")]["must_keep_acc"]
+    assert bad_alone < 0.5 * mean[("tasks", "base")]["must_keep_acc"]  # the bad model does break the must-keep task
+    assert all(0.0 <= r["acc"] <= 1.0 for r in rows)
+    assert mean[("tasks", "ties")]["config"] and mean[("tasks", "ties")]["val_acc"] > 0.5
+
+    with open(out, newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    table = out.with_suffix(".md").read_text()
+    assert "| ties |" in table and "| bad model alone |" in table
+    assert (tmp_path / "work" / "merging-tasks.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("options", "words"), [({"backbone": "mobilenet-v2"}, "not supported yet"),
+                                                ({"methods": ["fisher"]}, "data-aware"),
+                                                ({"methods": ["tie"]}, "not a registered"),
+                                                ({"tasks": ["digits"]}, "at least two")])
+def test_bad_options_are_refused_before_any_training(tmp_path: Path, options: dict[str, object], words: str) -> None:
+    if options.get("methods") == ["fisher"] and "fisher" not in runnable_methods()[1]:
+        pytest.skip("no data-aware method registered")
+    with pytest.raises(ConfigError, match=words):
+        run_suite("merging-tasks", out_csv=tmp_path / "x.csv", quick=True, out_dir=tmp_path / "work", options=options)
+    assert not (tmp_path / "x.csv").exists()
