@@ -122,3 +122,19 @@ def test_data_aware_merges_run_on_the_stage_data(tmp_path):
     with pytest.raises(ConfigError, match="must_keep_from"):
         runner.run(load_recipe(recipe(tmp_path, {"method": "safety", **two})), tmp_path / "run2")
     assert not (tmp_path / "run2").exists()  # refused when the stages are read, before any training
+
+
+def test_two_task_recipe_merges_backbones_and_keeps_each_head(tmp_path):
+    """merging/mlp-two-tasks-merge at tiny sizes: both tasks see the same merged backbone, each with its own head."""
+    cfg = load_recipe("merging/mlp-two-tasks-merge", [f"output_dir={tmp_path}", "train.max_steps=20", "train.schedule.warmup_steps=2",
+                                                      "train.progress=false", "train.num_threads=1",
+                                                      "data.limit_train=1024", "data.limit_test=256"])
+    res = runner.run(cfg, tmp_path / "run", command="test")
+    st = tmp_path / "run" / "stages"
+    assert res.summary["order"][:3] == ["pre", "fmnist", "glyphs"] and len(res.summary["order"]) == 11
+    f, g = (load_file(str(st / n / "model.safetensors")) for n in ("ties-fmnist", "ties-glyphs"))
+    heads = {k for k in f if k.startswith("head.")}
+    assert heads and all(torch.equal(f[k], g[k]) for k in f if k not in heads)  # one merged backbone
+    assert f["head.weight"].shape[0] == 10 and g["head.weight"].shape[0] == 20  # each task its own head
+    fm = load_file(str(st / "fmnist" / "model.safetensors"))
+    assert all(torch.equal(f[k], fm[k]) for k in heads)
