@@ -22,7 +22,7 @@ from edgetune.core.config import validate
 from edgetune.core.errors import ConfigError
 from edgetune.merging.config import MERGERS, MergeConfig
 
-__all__ = ["Merger", "check_inputs", "check_options", "merge", "merge_state_dicts", "merger_for"]
+__all__ = ["Merger", "check_inputs", "check_options", "copy_buffer", "merge", "merge_state_dicts", "merger_for"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Merger:
             raise ConfigError(f"no tensors to merge for {name!r}; give at least one model")
         first = tensors[0]
         if not first.is_floating_point():
-            return _copy_buffer(name, tensors)
+            return copy_buffer(name, tensors)
         if base is None and self.needs_base:
             raise ConfigError(f"method {self.cfg.method!r} needs a base model: pass base=... / `base:` in the merge "
                               "config (the model the merged models were fine-tuned from)")
@@ -89,7 +89,7 @@ class Merger:
         raise NotImplementedError
 
 
-def _copy_buffer(name: str, tensors: Sequence[Tensor]) -> Tensor:
+def copy_buffer(name: str, tensors: Sequence[Tensor]) -> Tensor:
     """A non-floating tensor (an integer buffer): equal in every model, copied.
 
     ``num_batches_tracked`` of batch norms is the exception: it counts the fine-tune's steps, which differ
@@ -186,7 +186,7 @@ def check_inputs(merger: Merger, models: Sequence[Mapping[str, Tensor]], base: M
             raise ConfigError(f"{k!r} is a floating tensor in some models and not in others "
                               f"({', '.join(str(m[k].dtype) for m in models)}); give it one kind of dtype everywhere")
         if not t.is_floating_point():
-            _copy_buffer(k, [m[k] for m in models])
+            copy_buffer(k, [m[k] for m in models])
 
 
 def merge_state_dicts(models: Sequence[Mapping[str, Tensor]], cfg: MergeConfig | Mapping[str, Any],

@@ -34,7 +34,7 @@ from pydantic import Field, SerializeAsAny, field_validator
 from edgetune.core.config import Config, apply_overrides, load_yaml, validate
 from edgetune.core.errors import ConfigError
 from edgetune.core.state import atomic_write_json, save_tensors
-from edgetune.merging.base import check_options, merge_state_dicts, merger_for
+from edgetune.merging.base import check_options, copy_buffer, merge_state_dicts, merger_for
 from edgetune.merging.config import MergeConfig
 from edgetune.merging.sources import check_compatible, open_source
 from edgetune.merging.stream import StreamReport, stream_merge
@@ -131,14 +131,15 @@ def _side_files(folder: Path) -> list[Path]:
                   and not p.name.endswith(".index.json"))
 
 
-def _output_paths(output: str) -> tuple[Path, Path | None]:
+def _output_paths(output: str, create: bool = True) -> tuple[Path, Path | None]:
     """(the safetensors file to write, the folder for side files or None)."""
     out = Path(output).expanduser()
     if out.suffix == ".safetensors":
         if out.is_dir():
             raise ConfigError(f"output {out} is a folder; give a .safetensors file name or a folder path without "
                               "the .safetensors ending")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            out.parent.mkdir(parents=True, exist_ok=True)
         return out, None
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file but not a .safetensors file; give a folder or a .safetensors path")
@@ -180,6 +181,15 @@ def check_job(job: MergeJob) -> None:
         sources = [stack.enter_context(open_source(m.model)) for m in job.models]
         base = stack.enter_context(open_source(job.base)) if job.base else None
         check_compatible(sources, base)
+        out_file, _ = _output_paths(job.output, create=False)
+        for src in [*sources, *([base] if base is not None else [])]:
+            if any(Path(f).resolve() == out_file.resolve() for f in src.files):
+                raise ConfigError(f"output {out_file} is one of the inputs ({src.name}); the merge would replace it. "
+                                  "Write the merged model somewhere else")
+        # integer buffers (position ids, counters) must agree: checked here, not hours into a stream
+        for key in sources[0]:
+            if not sources[0].dtype(key).is_floating_point and not key.endswith("num_batches_tracked"):
+                copy_buffer(key, [s.get(key) for s in sources])
 
 
 def run_merge(job: MergeJob, progress: Callable[[int, int, str], None] | None = None,
@@ -193,13 +203,19 @@ def run_merge(job: MergeJob, progress: Callable[[int, int, str], None] | None = 
     ref = _folder_of(job.base) if job.base else None
     ref = ref or _folder_of(specs[0])
     recipe = {"job": job.model_dump(mode="json"), "method": cfg.model_dump(mode="json")}
+    created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if merger.whole_model:  # re-basin: every tensor at once, in memory
-        report = _merge_in_memory(job, cfg, out_file, recipe)
-    else:
-        report = stream_merge(specs, merger, out_file, base=job.base, metadata={"edgetune.merge": recipe},
-                              progress=progress, compare_read=compare_read)
+    try:
+        if merger.whole_model:  # re-basin: every tensor at once, in memory
+            report = _merge_in_memory(job, cfg, out_file, recipe)
+        else:
+            report = stream_merge(specs, merger, out_file, base=job.base, metadata={"edgetune.merge": recipe},
+                                  progress=progress, compare_read=compare_read)
+    except BaseException:
+        if created and out_dir is not None and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # no empty folder left behind by a failed or interrupted merge
+        raise
     if out_dir is not None:
         copied = []
         if ref is not None and ref.resolve() != out_dir.resolve():

@@ -135,12 +135,14 @@ def _build(layers: Sequence[_Layer], where: str) -> PermutationSpec:
     return PermutationSpec({k: v for k, v in axes.items() if any(p is not None for p in v)}, sizes)
 
 
+_SAFE_NAME = re.compile(r"(?:(?:.*\.)?(?:layers|norms)\.\d+|head|\d+(?:\.\d+)*)")
+
+
 def _module_order(prefix: str) -> tuple[bool, list[tuple[int, int | str]]]:
-    """Sort key restoring module order from sorted names: numbers compared as numbers (``2`` before ``10``), a
-    classification head (``head``, ``classifier``, ``fc`` at the top level, or ``*.head``) last."""
-    last = prefix.rpartition(".")[2] if prefix.endswith(".head") else prefix
-    parts = [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.]", prefix)]
-    return last in ("head", "classifier", "fc"), parts
+    """Sort key restoring module order from sorted names: numbers compared as numbers (``2`` before ``10``), the
+    ``head`` last. Only used where every name is one whose order it knows (:data:`_SAFE_NAME`)."""
+    parts = [(0, int(p)) if p.isdigit() else (1, p) for p in prefix.split(".")]
+    return prefix == "head" or prefix.endswith(".head"), parts
 
 
 def _layers_from_state_dict(sd: StateDict, allow_conv: bool, where: str) -> list[_Layer]:
@@ -151,7 +153,13 @@ def _layers_from_state_dict(sd: StateDict, allow_conv: bool, where: str) -> list
             prefix, _, leaf = key.rpartition(".")
             groups.setdefault(prefix, {})[leaf] = v
     order = list(groups)
-    if list(sd) == sorted(sd):  # read from a safetensors file (keys sorted): put them back in module order
+    if len(order) > 1 and list(sd) == sorted(sd):  # read from a safetensors file: the module order is lost
+        unknown = [p for p in order if not _SAFE_NAME.fullmatch(p)]
+        if unknown:
+            raise ConfigError(f"{where}: the state dict's keys are sorted by name (as a safetensors file stores them), "
+                              f"so the order of its layers is lost, and names like {unknown[0]!r} do not say it. Give "
+                              "the models as modules (spec_from_model traces them), or a PermutationSpec built from "
+                              "a module of the architecture (spec_from_model(model)) and rebasin_align(..., spec=...)")
         order.sort(key=_module_order)
     layers: list[_Layer] = []
     for prefix in order:

@@ -233,3 +233,24 @@ def test_mergekit_linear_averages_the_base_and_breadcrumbs_cuts_gamma(models):
     bc = from_mergekit({"merge_method": "breadcrumbs", "base_model": base,
                         "models": [{"model": str(models["ft1"]), "parameters": {"weight": 1, "density": 0.995}}]})
     assert bc["density"] == 0.995 and abs(bc["beta"] - 0.005) < 1e-12
+
+
+def test_output_onto_an_input_and_late_buffer_mismatch_are_refused_up_front(tmp_path, models):
+    """Review findings: writing over an input is refused; differing integer buffers are found before any output
+    (and no empty output folder stays)."""
+    with pytest.raises(ConfigError, match="one of the inputs"):
+        run_merge(load_job(_job(tmp_path, {"method": "linear", "models": [str(models["ft1"]), str(models["ft2"])],
+                                           "output": str(models["ft2"])})))
+    assert torch.equal(load_file(str(models["ft2"]))["layer.weight"], _sd(2)["layer.weight"])
+    odd = _sd(4)
+    odd["pos_ids"] = torch.arange(3)
+    good = _sd(5)
+    good["pos_ids"] = torch.arange(3) + 1
+    save_file(odd, str(tmp_path / "o.safetensors"))
+    save_file(good, str(tmp_path / "g.safetensors"))
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match="pos_ids"):
+        run_merge(load_job(_job(tmp_path, {"method": "linear", "models": [str(tmp_path / "o.safetensors"),
+                                                                         str(tmp_path / "g.safetensors")],
+                                           "output": str(out)})))
+    assert not out.exists()

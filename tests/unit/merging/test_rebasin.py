@@ -284,3 +284,19 @@ def test_rebasin_removes_the_loss_barrier_of_two_seeds() -> None:
     assert rebased < 0.5 * naive, (rebased, naive)  # measured ratio <= 0.07
     acc_naive, acc_rebased = mid_acc(b), mid_acc(aligned)
     assert acc_rebased > acc_naive + 0.15, (acc_naive, acc_rebased)  # measured 0.54-0.64 vs 0.89-0.92
+
+
+def test_sorted_keys_with_unknown_names_are_refused_not_guessed() -> None:
+    """From a safetensors file the keys come sorted; `decoder.*` before `encoder.*` would chain the layers backwards
+    and permute real inputs and outputs: refused, naming the fix (review finding)."""
+    import pytest
+
+    from edgetune.core.errors import ConfigError
+    from edgetune.merging.rebasin import rebasin_align
+
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"encoder": torch.nn.ModuleDict({"fc1": torch.nn.Linear(4, 8), "fc2": torch.nn.Linear(8, 8)}),
+                               "decoder": torch.nn.ModuleDict({"fc1": torch.nn.Linear(8, 8), "fc2": torch.nn.Linear(8, 3)})})
+    sd = dict(sorted(net.state_dict().items()))
+    with pytest.raises(ConfigError, match="order of its layers is lost"):
+        rebasin_align([sd, sd])
