@@ -90,6 +90,18 @@ def test_identical_inputs_return_the_input(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_identical_finetunes_of_another_base_return_the_input(method: str) -> None:
+    """Three copies of one fine-tune, merged against the base it came from (task vectors not zero), with weights
+    that sum to 1 where the method takes weights and every entry kept: the fine-tune itself."""
+    model = _finetunes(1)[0]
+    options = dict(_meta(method, "keep_all"))
+    if merger_for(_cfg(method)).takes_weights:
+        options["weights"] = [1 / 3] * 3
+    out = merge([model, model, model], _cfg(method, **options), base=_base_if_needed(method, _base()))
+    _close(out, model, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_weights_one_zero_return_the_first(method: str) -> None:
     if not merger_for(_cfg(method)).takes_weights:
         pytest.skip(f"{method} takes no weights (its merge ratio comes from the models themselves)")
