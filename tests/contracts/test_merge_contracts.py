@@ -217,3 +217,34 @@ def test_data_aware_identical_inputs_return_the_input(method: str) -> None:
     out = merge_with_data(_cfg(method), net, [sd, sd], sd, data, must_keep=keep)
     _close(out, sd, atol=1e-5)
     assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())  # the module is not modified
+
+
+@pytest.mark.parametrize("method", DATA_AWARE)
+def test_data_aware_merges_tied_weights_once(method: str) -> None:
+    """A head tied to the embedding (as SmolLM2's is) is one tensor: merged once, the same under both names (review
+    finding: AdaMerging / safety crashed in functional_call, Fisher / RegMean gave the two names different values)."""
+    from edgetune.merging import merge_with_data
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid = torch.nn.Embedding(10, 6), torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.emb(x))))
+
+    torch.manual_seed(0)
+    net = Tied()
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    fts = []
+    for _ in range(2):
+        sd = {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}
+        sd["head.weight"] = sd["emb.weight"]
+        fts.append(sd)
+    x, y = torch.randint(0, 10, (32, 3)), torch.randint(0, 10, (32, 3))
+    opts = {"steps": 3} if method in ("adamerging", "safety") else {}
+    out = merge_with_data(_cfg(method, **opts), net, fts, base, [[x, y]], must_keep=[[x, y]])
+    assert set(out) == set(base) and torch.equal(out["emb.weight"], out["head.weight"])
+    assert not torch.equal(out["emb.weight"], base["emb.weight"])

@@ -154,13 +154,28 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Names of tensors shared by several modules (tied embeddings and heads): alias name -> the first name."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) in first:
+            out[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return out
+
+
 def check_module_keys(module: nn.Module, state_dict: StateDict) -> None:
-    """The state dicts merged through ``module`` must hold exactly its state-dict keys."""
+    """The state dicts merged through ``module`` must hold exactly its state-dict keys (a tied alias may be left
+    out: it is the tensor of the name it is tied to)."""
     if not isinstance(module, nn.Module):
         raise ConfigError(f"the architecture must be an nn.Module (the model the state dicts load into), got a "
                           f"{type(module).__name__}")
     own = list(module.state_dict())
-    missing = [k for k in own if k not in state_dict]
+    aliases = tied_aliases(module)
+    missing = [k for k in own if k not in state_dict and k not in aliases]
     extra = [k for k in state_dict if k not in own]
     if missing or extra:
         raise ConfigError(f"the state dicts do not fit the module: missing {missing[:3]}, unexpected {extra[:3]}; "
@@ -206,7 +221,6 @@ def merge_with_data(cfg: Any, module: nn.Module, state_dicts: Sequence[StateDict
     measure each model on its own task's data, as in their papers; AdaMerging and safety take one unlabelled /
     domain set). ``must_keep``: the safety method's labelled must-keep set. ``module`` is not modified.
     """
-    from edgetune.merging import adamerging, fisher, regmean, safety
     from edgetune.merging.base import merger_for
 
     merger = merger_for(cfg)
@@ -215,6 +229,26 @@ def merge_with_data(cfg: Any, module: nn.Module, state_dicts: Sequence[StateDict
         raise ConfigError(f"method {cfg.method!r} is not data-aware; merge it with merging.merge(state_dicts, cfg)")
     if isinstance(state_dicts, Mapping) or not isinstance(state_dicts, Sequence) or not state_dicts:
         raise ConfigError("state_dicts must be a non-empty list of state dicts, one per model")
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"the architecture must be an nn.Module (the model the state dicts load into), got a "
+                          f"{type(module).__name__}")
+    aliases = tied_aliases(module)
+    if aliases:  # a tied tensor is merged once, under its first name, and every alias gets that tensor
+        log.info("%s: %d tied tensor(s) merged once each (%s)", cfg.method, len(aliases),
+                 ", ".join(f"{a} = {f}" for a, f in list(aliases.items())[:3]))
+        state_dicts = [{k: v for k, v in sd.items() if k not in aliases} for sd in state_dicts]
+        base = None if base is None else {k: v for k, v in base.items() if k not in aliases}
+    out = _merge_with_data(cfg, module, state_dicts, base, data, must_keep, per_model, aliases)
+    for alias, name in aliases.items():
+        if name in out:
+            out[alias] = out[name]
+    return out
+
+
+def _merge_with_data(cfg: Any, module: nn.Module, state_dicts: Sequence[StateDict], base: StateDict | None,
+                     data: Any, must_keep: Any, per_model: bool, aliases: Mapping[str, str]) -> dict[str, Tensor]:
+    from edgetune.merging import adamerging, fisher, regmean, safety
+
     n = len(state_dicts)
     if cfg.method in ("fisher", "regmean"):
         sets = _per_model(data, n, per_model)
@@ -222,18 +256,21 @@ def merge_with_data(cfg: Any, module: nn.Module, state_dicts: Sequence[StateDict
         stats = []
         for i, (sd, d) in enumerate(zip(state_dicts, sets, strict=True)):
             check_module_keys(work, sd)
-            work.load_state_dict(sd)
+            work.load_state_dict({**sd, **{a: sd[f] for a, f in aliases.items() if f in sd}})
             log.info("%s: statistics of model %d/%d", cfg.method, i + 1, n)
             if cfg.method == "fisher":
                 stats.append(fisher.fisher_diagonal(work, d, cfg.n_batches, label=cfg.label,
                                                     batch_size=cfg.batch_size, seed=cfg.seed))
             else:
-                stats.append(regmean.gram_matrices(work, d, cfg.n_batches, batch_size=cfg.batch_size))
+                grams = regmean.gram_matrices(work, d, cfg.n_batches, batch_size=cfg.batch_size)
+                # a linear weight tied to another tensor (an embedding) is averaged with it, not solved
+                stats.append({k: g for k, g in grams.items() if k not in aliases and
+                              not any(f == k for f in aliases.values())})
         if cfg.method == "fisher":
             if cfg.normalize:
                 stats = [fisher.normalize_fisher(f) for f in stats]
             return fisher.fisher_merge(state_dicts, stats, cfg.weights, eps=cfg.eps)
-        regmean.check_grams_cover(work, stats)
+        regmean.check_grams_cover(work, stats, skip=set(aliases) | set(aliases.values()))
         return regmean.regmean_merge(state_dicts, stats, alpha=cfg.alpha, weights=cfg.weights)
     if per_model:
         raise ConfigError(f"method {cfg.method!r} learns coefficients on one dataset; pass it with per_model=False")

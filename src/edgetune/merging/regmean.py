@@ -159,10 +159,12 @@ def _gram_tensor(g: Gram | Tensor) -> Tensor:
     return g.mean if isinstance(g, Gram) else g
 
 
-def check_grams_cover(module: nn.Module, grams: Sequence[Mapping[str, Gram | Tensor]]) -> None:
-    """Every ``nn.Linear`` of ``module`` has a Gram in every model's ``grams``; else :class:`ConfigError`."""
+def check_grams_cover(module: nn.Module, grams: Sequence[Mapping[str, Gram | Tensor]],
+                      skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Every ``nn.Linear`` of ``module`` (but ``skip``) has a Gram in every model's ``grams``; else
+    :class:`ConfigError`."""
     for i, gi in enumerate(grams):
-        missing = [k for k in linear_weight_keys(module) if k not in gi]
+        missing = [k for k in linear_weight_keys(module) if k not in gi and k not in skip]
         if missing:
             raise ConfigError(f"no Gram for the linear layer {missing[0]!r} in model {i} ({len(missing)} missing); "
                               "compute them with gram_matrices(model, data) on each model")
