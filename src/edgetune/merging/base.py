@@ -82,6 +82,10 @@ class Merger:
         out = self.combine(name, xs, b)
         if any(out is x for x in (*xs, b)):  # a method may hand back an input unchanged: never alias it
             out = out.clone()
+        if name.endswith("running_var") and bool((out < 0).any()):  # e.g. a negated task vector on batch norms
+            log.warning("%s: the merge gives negative running variances (%d entries); clamped to 0 so the batch norm "
+                        "stays finite. Recompute the statistics on data after such a merge", name, int((out < 0).sum()))
+            out = out.clamp_min(0)
         return out.to(self.cfg.torch_dtype or first.dtype)
 
     def combine(self, name: str, xs: list[Tensor], base: Tensor | None) -> Tensor:

@@ -181,7 +181,14 @@ def check_job(job: MergeJob) -> None:
         sources = [stack.enter_context(open_source(m.model)) for m in job.models]
         base = stack.enter_context(open_source(job.base)) if job.base else None
         check_compatible(sources, base)
-        out_file, _ = _output_paths(job.output, create=False)
+        out_file, out_dir = _output_paths(job.output, create=False)
+        if out_dir is not None and out_dir.is_dir():
+            stale = sorted(p.name for p in out_dir.iterdir() if p.name.endswith(".index.json")
+                           or (p.suffix in _WEIGHT_SUFFIXES and p.name != "model.safetensors"))
+            if stale:
+                raise ConfigError(f"output folder {out_dir} holds other weights ({', '.join(stale[:3])}) that would sit "
+                                  "beside the merged model.safetensors and be loaded instead of it; give a new or "
+                                  "empty folder")
         for src in [*sources, *([base] if base is not None else [])]:
             if any(Path(f).resolve() == out_file.resolve() for f in src.files):
                 raise ConfigError(f"output {out_file} is one of the inputs ({src.name}); the merge would replace it. "

@@ -153,6 +153,9 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> di
     if not models:
         raise ConfigError(f"{where}: every model is the base model; list the fine-tuned models to merge")
     globals_ = dict(data.get("parameters") or {})
+    for key in [k for k in globals_ if k in _PER_MODEL[method]]:  # a default for the models that lack it
+        value = _number(globals_.pop(key), key, where)
+        per_model[key] = [_number(m["n_params"][key], key, where) if key in m["n_params"] else value for m in models]
     for key in globals_:
         if key == "int8_mask":
             log.info("mergekit's int8_mask is a memory option with no effect on the result: ignored")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,7 +31,10 @@ import torch
 from torch import Tensor
 
 from edgetune.core.errors import ConfigError, ShapeError
-from edgetune.core.state import _create_temp  # its temp names: remove_temp_files cleans ours
+from edgetune.core.state import (  # its temp names: remove_temp_files cleans ours
+    _create_temp,
+    remove_temp_files,
+)
 from edgetune.measure.memory import track_peak_memory
 from edgetune.merging.base import Merger, check_options
 from edgetune.merging.sources import (
@@ -255,6 +259,7 @@ def stream_merge(
     out = Path(out_path)
     if out.is_dir():
         out = out / "model.safetensors"
+    remove_temp_files(out.parent, re.escape(out.name))  # what a killed earlier merge into this file left
     with ExitStack() as stack:
         srcs = _open_all(stack, sources)
         base_src = _open_all(stack, [base])[0] if base is not None else None

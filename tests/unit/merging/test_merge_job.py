@@ -254,3 +254,24 @@ def test_output_onto_an_input_and_late_buffer_mismatch_are_refused_up_front(tmp_
                                                                          str(tmp_path / "g.safetensors")],
                                            "output": str(out)})))
     assert not out.exists()
+
+
+def test_review_fixes_mergekit_globals_stale_shards_and_running_var(tmp_path, models):
+    """mergekit's global `parameters: {density}` is a default for every model; an output folder holding another
+    model's shards is refused; a merge that drives batch-norm running variances negative clamps them at 0."""
+    base = str(models["base"])
+    ft = [{"model": str(models["ft1"]), "parameters": {"weight": 1}},
+          {"model": str(models["ft2"]), "parameters": {"weight": 1, "density": 0.5}}]
+    with pytest.raises(ConfigError, match="density differs"):  # 0.3 by default for ft1, 0.5 given for ft2
+        from_mergekit({"merge_method": "ties", "base_model": base, "models": ft, "parameters": {"density": 0.3}})
+    out = from_mergekit({"merge_method": "ties", "base_model": base, "models": ft, "parameters": {"density": 0.5}})
+    assert out["density"] == 0.5
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(ConfigError, match="other weights"):
+        run_merge(load_job(_job(tmp_path, {"method": "linear", "models": [str(models["ft1"])], "output": str(folder)})))
+    var = {"bn.running_var": torch.tensor([1.0, 1.0])}
+    merged = merge_state_dicts([{"bn.running_var": torch.tensor([3.0, 1.5])}], {"method": "task_arithmetic",
+                                                                              "weights": [-1.0]}, base=var)
+    assert torch.equal(merged["bn.running_var"], torch.tensor([0.0, 0.5]))
