@@ -1,5 +1,5 @@
 """``merging-lora`` suite (quick): on held-out adapter pairs ZipLoRA's per-pair optimisation beats the plain
-average, LoRA.rar with input statistics lands between them in one forward pass, orders of magnitude faster."""
+average, LoRA.rar with input statistics lands between them in one forward pass, at least 100x faster."""
 
 from __future__ import annotations
 
@@ -18,4 +18,4 @@ def test_quick_suite_ziplora_and_lorarar(tmp_path: Path) -> None:
     assert by["concat"]["rel_error"] > 1 > by["linear"]["rel_error"]
     assert by["ziplora"]["rel_error"] < by["linear"]["rel_error"] - 0.08, by
     assert by["lorarar_stats"]["rel_error"] < by["linear"]["rel_error"] - 0.03, by
-    assert by["lorarar"]["seconds"] * 50 < by["ziplora"]["seconds"], by
+    assert by["lorarar"]["seconds"] * 100 < by["ziplora"]["seconds"], by  # the issue: at least 100x faster
