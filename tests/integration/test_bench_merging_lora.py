@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import edgetune.merging.bench_lora  # noqa: F401  (registers the suite)
+import edgetune.merging.bench.lora  # noqa: F401  (registers the suite)
 from edgetune.bench import run_suite
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import edgetune.merging.bench_rebasin  # noqa: F401  (registers the suite)
+import edgetune.merging.bench.rebasin  # noqa: F401  (registers the suite)
 from edgetune.bench import run_suite
 
 

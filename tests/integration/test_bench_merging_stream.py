@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import edgetune.merging.bench_stream  # noqa: F401  (registers the suite)
+import edgetune.merging.bench.stream  # noqa: F401  (registers the suite)
 from edgetune.bench import run_suite
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from edgetune.core.plugins import COMMANDS
-from edgetune.merging import bench, bench_lora, bench_rebasin, bench_stream, stage  # noqa: F401  (suites, step)
+from edgetune.merging import bench, stage  # noqa: F401  (the bench suites, the merge step)
 
 
 def _merge(args: argparse.Namespace) -> int:

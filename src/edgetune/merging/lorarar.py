@@ -27,7 +27,8 @@ under each adapter's data, ``log(G_i[j, j] / mean_k G_i[k, k])`` -- the diagonal
 optimises on. Merging then needs those statistics (one ``(in,)`` vector per adapter and layer), still with no
 per-pair optimisation. Where LoRA's ``A`` stays near its random initialisation (short training, small layers), a
 column's norm says little about whether the adapter's inputs use that feature, and a weights-only network can do
-no better than about the average of the updates; ``bench_lora`` measures both.
+no better than about the average of the updates; the merging-lora suite (``merging/bench/lora.py``) measures
+both.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgetune.adapters import LoraConfig, add_adapter_, load_adapter_
 from edgetune.core.errors import CheckpointError, ConfigError
-from edgetune.merging.bench_lora import lora_merge_bench
+from edgetune.merging.bench.lora import lora_merge_bench
 from edgetune.merging.lora_merge import LayerLora, lora_from_model, save_lora
 from edgetune.merging.lorarar import (
     FEATURES,
