@@ -147,16 +147,17 @@ def _merge_with_data(ctx: StepContext, opts: MergeStepConfig, states: list[dict[
 
     model = ctx.loaded.model
     bs = int(getattr(opts.method, "batch_size", 32))
-    own = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    # the kept tensors are the stage model's in every input, so no method moves them
-    full = [{**own, **{k: sd[k] for k in names}} for sd in states]
-    full_base = None if base is None else {**own, **{k: base[k] for k in names}}
+    own = {k: v.detach() for k, v in model.state_dict().items()}
+    dev = next(iter(own.values())).device if own else torch.device("cpu")
+    # the kept tensors are the stage model's in every input, so no method moves them; all on the model's device
+    full = [{**own, **{k: sd[k].to(dev) for k in names}} for sd in states]
+    full_base = None if base is None else {**own, **{k: base[k].to(dev) for k in names}}
     must_keep = None
     if opts.must_keep_from is not None:
         if ctx.data.val is None:
             raise ConfigError("merge: method safety labels the stage's validation split with must_keep_from's "
                               "predictions; this stage has none: set data.val_fraction (e.g. 0.1)")
-        ref = {**own, **{k: v for k, v in _state_of(opts.must_keep_from, ctx).items() if k in names}}
+        ref = {**own, **{k: v.to(dev) for k, v in _state_of(opts.must_keep_from, ctx).items() if k in names}}
         must_keep = must_keep_from_reference(model, _Batches(ctx.data.val, ctx, bs), state_dict=ref)
     merged = merge_with_data(opts.method, model, full, full_base, _Batches(ctx.data.train, ctx, bs),
                              must_keep=must_keep)
