@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
+    "atomic_writer",
     "load_tensors",
     "remove_temp_files",
     "save_tensors",
@@ -48,16 +50,21 @@ def _create_temp(path: Path) -> tuple[int, Path]:
     raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); the file gets ``0o666 & ~umask``."""
+@contextmanager
+def atomic_writer(path: str | Path, check: Callable[[Path], None] | None = None) -> Iterator[IO[bytes]]:
+    """A binary file object on a fresh temp file beside ``path``: fsynced and renamed over ``path`` when the block
+    succeeds (after ``check(temp_path)``, which may raise), removed when anything raises (KeyboardInterrupt too).
+    ``path`` is not touched until the rename; the file gets ``0o666 & ~umask``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -67,6 +74,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename); the file gets ``0o666 & ~umask``."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def remove_temp_files(folder: str | Path, target: str | re.Pattern[str] | None = None) -> list[Path]:

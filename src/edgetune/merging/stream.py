@@ -21,8 +21,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,10 +31,7 @@ import torch
 from torch import Tensor
 
 from edgetune.core.errors import ConfigError, ShapeError
-from edgetune.core.state import (  # its temp names: remove_temp_files cleans ours
-    _create_temp,
-    remove_temp_files,
-)
+from edgetune.core.state import atomic_writer, remove_temp_files
 from edgetune.measure.memory import track_peak_memory
 from edgetune.merging.base import Merger, check_options
 from edgetune.merging.sources import (
@@ -149,29 +146,6 @@ def _write_tensor(f: IO[bytes], t: Tensor) -> int:
     return data.nbytes
 
 
-@contextmanager
-def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """A file object on a fresh temp file beside ``path``; renamed over ``path`` (after fsync) when the block
-    succeeds, removed when it raises anything. ``path`` is not touched until the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _check_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _check_readable(path: Path) -> None:
     """safetensors accepts the header of what was written (offsets contiguous, file fully covered)."""
     from safetensors import safe_open
@@ -275,7 +249,7 @@ def stream_merge(
                  " with a base" if base_src is not None else "", out, data_bytes / 2**20)
         bytes_read = 0
         t0 = time.perf_counter()
-        with track_peak_memory(interval_s=0.005) as mem, _atomic_file(out) as f:
+        with track_peak_memory(interval_s=0.005) as mem, atomic_writer(out, check=_check_readable) as f:
             f.write(head)
             written = len(head)
             for i, (key, out_dtype, shape) in enumerate(plan):
