@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from edgetune.core.errors import ConfigError
+from edgetune.core.outputs import logits_of as _logits_of
 from edgetune.data.batches import TARGET_KEY
 from edgetune.merging.base import Merger
 
@@ -119,17 +120,7 @@ def iter_batches(data: Any, *, n_batches: int | None = None, batch_size: int = 3
 
 def logits_of(out: Any) -> Tensor:
     """The logits in a model's output: a tensor, ``.logits`` (Hugging Face ``ModelOutput``), a dict, or a tuple."""
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, Mapping):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        logits = out[0]
-    if not isinstance(logits, Tensor):
-        raise ConfigError(f"the model returned {type(out).__name__}, which holds no logits; data-aware merging needs a "
-                          "model returning logits (a tensor or an object with .logits)")
-    return logits
+    return _logits_of(out, "data-aware merging needs a model returning logits (a tensor or an object with .logits)")
 
 
 def mean_entropy(logits: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgetune.core.errors import ConfigError
+from edgetune.core.outputs import logits_of as _logits_of
 from edgetune.core.registry import Registry
 from edgetune.data.batches import Batch, batch_inputs, batch_target
 
@@ -35,20 +36,8 @@ IGNORE_INDEX = -100
 
 def logits_of(out: Any) -> Tensor:
     """The logits in a model's output: a tensor, a ``ModelOutput``/object with ``.logits``, or a dict."""
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        logits = out[0]
-    if not isinstance(logits, Tensor):
-        raise ConfigError(
-            f"the model returned {type(out).__name__}, which holds no logits; a classification or language model must "
-            "return a logits tensor or an object with a .logits tensor (for a feature extractor, add a head: "
-            "model.task=classification)"
-        )
-    return logits
+    return _logits_of(out, "a classification or language model must return a logits tensor or an object with a "
+                           ".logits tensor (for a feature extractor, add a head: model.task=classification)")
 
 
 class StepOutput:
