@@ -45,6 +45,7 @@ from torch import nn
 
 from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
 from edgetune.bench.loop_overhead import StepClock
+from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.hooks import Callback
 
 __all__ = ["hf_order", "plot_curves"]
@@ -178,11 +179,7 @@ def _hf_side(model: nn.Module, train: Any, transform: Any, batch: int, steps: in
 
 def plot_curves(curves: list[dict[str, Any]], path: str | Path) -> None:
     """PNG of both loss curves per dropout mode (rows of :data:`curves`: mode, step, edgetune_loss, hf_loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     modes = list(dict.fromkeys(r["mode"] for r in curves))
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 3.8), squeeze=False)
     for ax, mode in zip(axes[0], modes):
@@ -196,8 +193,7 @@ def plot_curves(curves: list[dict[str, Any]], path: str | Path) -> None:
         ax.set_ylabel("training loss (batch)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _as_list(v: Any) -> list[Any]:

@@ -41,6 +41,7 @@ from edgetune.adapters.config import AdapterConfig
 from edgetune.adapters.layer import AdapterLayer
 from edgetune.adapters.model import add_adapter_
 from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.plots import pyplot, save_figure
 
 __all__ = ["METHODS", "convergence_table", "effective_weight", "least_squares_problem", "plot_convergence",
            "rank_limited_distance", "teacher_student_problem"]
@@ -258,10 +259,7 @@ def _curve_rows(common: dict[str, Any], method: str, curve: list[tuple[int, floa
 # ------------------------------------------------------------------------------------------ plot and table
 def plot_convergence(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """One panel per problem: each method's figure against steps (log y), the reference rows dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     problems = list(dict.fromkeys(r["problem"] for r in rows))
     fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4.2), squeeze=False)
@@ -283,11 +281,7 @@ def plot_convergence(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=110)
 
 
 def convergence_table(csv_path: str | Path) -> str:

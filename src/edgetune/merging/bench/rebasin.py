@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from edgetune.bench.harness import BenchContext, register_suite
+from edgetune.bench.plots import pyplot, save_figure
 from edgetune.data import DataConfig, load_dataset
 from edgetune.merging.rebasin import interpolate_state_dicts, rebasin_align, spec_from_model
 from edgetune.models import MLP
@@ -111,10 +112,7 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
 
 def write_plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
     """Loss and accuracy along the path, naive vs re-basin, as an image at ``path`` (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     alphas = [r["alpha"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -127,11 +125,7 @@ def write_plot(rows: Sequence[Row], path: str | Path, title: str = "") -> Path:
         ax.legend()
     fig.suptitle(title or "linear interpolation between two seeds: naive vs Git Re-Basin weight matching")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # ------------------------------------------------------------------------------------------ the bench suite

@@ -37,6 +37,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.errors import ConfigError
 from edgetune.merging.base import merge_state_dicts
 from edgetune.merging.bench.task_setup import (
@@ -267,10 +268,7 @@ def _merging_tasks(ctx: BenchContext) -> Iterable[dict[str, Any]]:
 def plot_merging(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Left: normalized accuracy per method (the references first); right: must-keep accuracy per method, merged
     without and with the bad model (the base's dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mean = [r for r in rows if r["task"] == "mean"]
     tasks = [r for r in mean if r["case"] == "tasks"]
@@ -297,11 +295,7 @@ def plot_merging(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.title.set_fontsize(10)
         ax.grid(alpha=0.3, axis="y")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=110)
 
 
 def _f(v: str | None) -> str:

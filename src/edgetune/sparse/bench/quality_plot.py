@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edgetune.bench.plots import pyplot, save_figure
+
 __all__ = ["plot_quality_runs", "read_curves"]
 
 log = logging.getLogger(__name__)
@@ -45,10 +47,7 @@ def plot_quality_runs(work_dir: str | Path, path: str | Path, title: str = "") -
 
     Returns the PNG path, or None when no folder holds per-epoch test evaluations.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = []
     for metrics in sorted(Path(work_dir).glob("*/metrics.jsonl")):
@@ -77,8 +76,4 @@ def plot_quality_runs(work_dir: str | Path, path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=110)
