@@ -25,6 +25,7 @@ from edgetune.core.config import dump_yaml, load_yaml, validate
 from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.freeze import set_trainable_, trainable_report
 from edgetune.core.hooks import Callback
+from edgetune.core.runs import final_stage_folder
 from edgetune.core.sections import SECTIONS, SectionContext
 from edgetune.core.seed import seed_everything
 from edgetune.core.state import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
@@ -336,16 +337,6 @@ def resume(run_dir: str | Path, overrides: tuple[str, ...] = (), command: str | 
 
 
 # ------------------------------------------------------------------------------------------ reloading
-def _final_stage_folder(run_dir: Path) -> Path:
-    """A staged run's last finished stage (the model a ``from: RUN_DIR`` means)."""
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    for name in reversed(summary.get("order", [])):
-        if (run_dir / "stages" / name / "model.safetensors").is_file():
-            return run_dir / "stages" / name
-    raise ConfigError(f"{run_dir} is a staged run with no finished stage; give a stage folder "
-                      f"({run_dir}/stages/NAME) or finish the run with `edgetune run --resume {run_dir}`")
-
-
 def load_run_model(run_dir: str | Path, device: str = "cpu", *, with_data: bool | None = None) -> LoadedRun:
     """Rebuild the trained model of a finished run folder (model source + method sections + trained weights).
 
@@ -364,7 +355,7 @@ def load_run_model(run_dir: str | Path, device: str = "cpu", *, with_data: bool 
 
 def _load_run_model(run_dir: Path, device: str, with_data: bool | None) -> LoadedRun:
     if (run_dir / "stages").is_dir() and not (run_dir / "model.safetensors").is_file():
-        run_dir = _final_stage_folder(run_dir)
+        run_dir = final_stage_folder(run_dir)
     weights = run_dir / "model.safetensors"
     if not (run_dir / "config.yaml").is_file() or not weights.is_file():
         raise ConfigError(f"{run_dir} is not a finished run folder (it needs config.yaml and model.safetensors); "

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from edgetune.core.errors import CheckpointError, ConfigError, did_you_mean
+from edgetune.core.runs import final_stage_folder
 
 __all__ = ["SAFETENSORS_DTYPES", "SourceSpec", "TensorInfo", "TensorSource", "check_compatible", "open_source"]
 
@@ -301,37 +302,13 @@ def _listing(folder: Path, limit: int = 12) -> str:
     return "it holds " + ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _stage_folder(run: Path) -> Path:
-    """The stage a staged run folder means: the last finished stage of a finished run (as the runner reads it)."""
-    stages = run / "stages"
-    names = sorted(p.name for p in stages.iterdir() if p.is_dir())
-    done = [n for n in names if (stages / n / WEIGHTS).is_file()]
-    order: list[str] = []
-    summary = run / "summary.json"
-    if summary.is_file():
-        try:
-            order = list(json.loads(summary.read_text()).get("order", []))
-        except (OSError, ValueError, AttributeError):
-            order = []
-    for name in reversed(order):
-        if (stages / name / WEIGHTS).is_file():
-            log.info("%s is a staged run: reading its last stage, %s", run, name)
-            return stages / name
-    state = "did not finish (no summary.json with the stage order)" if not order else "has no finished stage"
-    raise ConfigError(
-        f"{run} is a staged run folder that {state}, so which stage to merge is ambiguous. Stages with weights: "
-        f"{', '.join(done) or '(none)'}; without: {', '.join(n for n in names if n not in done) or '(none)'}. "
-        f"Give one stage folder ({run}/stages/NAME), or finish the run with `edgetune run --resume {run}`"
-    )
-
-
 def _folder_source(folder: Path) -> TensorSource:
     if (folder / WEIGHTS).is_file():
         return _file_source(folder / WEIGHTS)
     if (folder / INDEX).is_file():
         return _sharded_source(folder, folder / INDEX)
     if (folder / "stages").is_dir():
-        return _folder_source(_stage_folder(folder))
+        return _folder_source(final_stage_folder(folder, "merge"))
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) == 1:
         return _sharded_source(folder, indexes[0])
