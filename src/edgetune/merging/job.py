@@ -36,7 +36,7 @@ from edgetune.core.errors import ConfigError
 from edgetune.core.state import atomic_write_json, save_tensors
 from edgetune.merging.base import check_options, copy_buffer, merge_state_dicts, merger_for
 from edgetune.merging.config import MergeConfig
-from edgetune.merging.sources import check_compatible, open_source
+from edgetune.merging.sources import check_compatible, open_source, read_state_dict
 from edgetune.merging.stream import StreamReport, stream_merge
 
 __all__ = ["MergeJob", "MergeModel", "check_job", "load_job", "run_merge"]
@@ -152,14 +152,10 @@ def _merge_in_memory(job: MergeJob, cfg: MergeConfig, out_file: Path, recipe: di
 
     from edgetune.measure.memory import track_peak_memory
 
-    def read(spec: str) -> dict[str, Any]:
-        with open_source(spec) as src:
-            return {k: src.get(k) for k in src}
-
     t0 = time.perf_counter()
     with track_peak_memory(interval_s=0.005) as mem:
-        models = [read(m.model) for m in job.models]
-        base = read(job.base) if job.base else None
+        models = [read_state_dict(m.model) for m in job.models]
+        base = read_state_dict(job.base) if job.base else None
         merged = merge_state_dicts(models, cfg, base=base)
         save_tensors(merged, out_file, metadata={"edgetune.merge": json.dumps(recipe), "format": "pt"})
     size = sum(t.numel() * t.element_size() for m in [*models, *([base] if base else [])] for t in m.values())

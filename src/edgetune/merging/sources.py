@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from edgetune.core.errors import CheckpointError, ConfigError, did_you_mean
 from edgetune.core.runs import final_stage_folder
 
-__all__ = ["SAFETENSORS_DTYPES", "SourceSpec", "TensorInfo", "TensorSource", "check_compatible", "open_source"]
+__all__ = ["SAFETENSORS_DTYPES", "SourceSpec", "TensorInfo", "TensorSource", "check_compatible", "open_source",
+           "read_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +380,13 @@ def open_source(spec: SourceSpec) -> TensorSource:
 def _names(keys: Sequence[str]) -> str:
     shown = ", ".join(keys[:_SHOW])
     return shown + (f" (and {len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+
+
+def read_state_dict(spec: SourceSpec) -> dict[str, Tensor]:
+    """Every tensor of a model (anything :func:`open_source` takes), read at once: for the merges that need whole
+    models in memory (re-basin, the merge stage's inputs)."""
+    with open_source(spec) as src:
+        return {k: src.get(k) for k in src}
 
 
 def check_compatible(sources: Sequence[TensorSource], base: TensorSource | None = None) -> None:

@@ -100,10 +100,9 @@ def _state_of(spec: str, ctx: StepContext) -> dict[str, Tensor]:
             raise ConfigError(f"merge: {spec} names no earlier stage; stages before this one: "
                               f"{', '.join(ctx.stages) or '(none)'}")
         return {k: v.detach().cpu() for k, v in ctx.stages[name]().model.state_dict().items()}
-    from edgetune.merging.sources import open_source
+    from edgetune.merging.sources import read_state_dict
 
-    with open_source(spec) as src:
-        return {k: src.get(k) for k in src}
+    return read_state_dict(spec)
 
 
 def _kept(names: list[str], patterns: list[str], head: str | None) -> set[str]:
