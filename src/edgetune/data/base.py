@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.utils.data import TensorDataset
 
 from edgetune.core.config import Config, validate
@@ -29,12 +29,36 @@ from edgetune.data.batches import BatchTransform, DictDataset
 if TYPE_CHECKING:
     from edgetune.data.text_classification import TextDataset
 
-__all__ = ["DATASETS", "DataBundle", "DataConfig", "load_dataset", "loader_options", "register_dataset"]
+__all__ = ["DATASETS", "DataBundle", "DataConfig", "load_dataset", "loader_options", "parse_classes", "register_dataset"]
 
 log = logging.getLogger(__name__)
 
 Task = Literal["classification", "lm", "seq2seq"]
 DataSplit = Union[TensorDataset, DictDataset, "TextDataset"]
+
+
+def parse_classes(spec: list[int] | str) -> list[int]:
+    """``"0-59"`` / ``"0-4,7"`` / ``[0, 1, 7]`` -> a list of distinct class ids >= 0, in the given order."""
+    if isinstance(spec, str):
+        out: list[int] = []
+        for part in (p.strip() for p in spec.split(",")):
+            lo, sep, hi = part.partition("-")
+            if not lo.strip().isdigit() or (sep and not hi.strip().isdigit()):
+                raise ValueError(f"classes {spec!r}: {part!r} is not a class id or a range like 0-59")
+            a, b = int(lo), int(hi) if sep else int(lo)
+            if b < a:
+                raise ValueError(f"classes {spec!r}: range {part!r} runs backwards; write {b}-{a}")
+            out += range(a, b + 1)
+    else:
+        out = list(spec)
+    if not out:
+        raise ValueError("classes is empty; list the classes to keep, e.g. classes: 0-59, or leave it out")
+    if any(c < 0 for c in out):
+        raise ValueError(f"class ids are >= 0, got {[c for c in out if c < 0]}")
+    dup = sorted({c for c in out if out.count(c) > 1})
+    if dup:
+        raise ValueError(f"classes lists {dup} more than once")
+    return out
 
 
 class DataConfig(Config):
@@ -49,6 +73,10 @@ class DataConfig(Config):
     val_fraction: fraction of the training split held out (stratified by class, seeded) as validation.
     limit_train / limit_test: keep only the first N examples (after a seeded shuffle) for quick runs.
     seed: seed of the shuffles and of generated datasets.
+    classes: keep only these classes (classification), relabelled by their position in the list: a list of
+        class ids or a string of ids and ranges, ``"0-59"`` or ``"0-4,7"``. Applied after the validation
+        hold-out, so a stage trained on ``classes: 0-59`` and a later stage on all classes hold out the very
+        same validation examples of classes 0-59 (few-shot class-incremental protocols need that).
     options: loader-specific options, validated by that loader.
     """
 
@@ -59,7 +87,13 @@ class DataConfig(Config):
     limit_train: int | None = Field(default=None, gt=0)
     limit_test: int | None = Field(default=None, gt=0)
     seed: int = 0
+    classes: list[int] | str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[int] | str | None) -> list[int] | None:
+        return None if v is None else parse_classes(v)
 
 
 @dataclass

@@ -6,7 +6,8 @@
    kept in the original order;
 2. ``val_fraction``: held out of the (limited) training split, stratified by class for classification
    (per class ``round(fraction * count)``, at least 1 and at most ``count - 1`` when the class has two
-   or more examples), a seeded random subset of the windows for lm / seq2seq.
+   or more examples), a seeded random subset of the windows for lm / seq2seq;
+3. ``classes``: only those classes are kept, in every split, relabelled by their position in the list.
 
 Each step has its own random stream derived from ``cfg.seed``, so the test subset does not change when
 ``limit_train`` does. A split is given as tensors (last = target) or as a split object with ``targets``
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from edgetune.data.base import DataBundle, DataConfig, DataSplit, Task
-from edgetune.data.batches import BatchTransform
+from edgetune.data.batches import TARGET_KEY, BatchTransform, DictDataset
 
 __all__ = ["images_to_tensor", "images_to_uint8", "make_bundle", "random_subset", "stratified_holdout"]
 
@@ -104,6 +105,41 @@ def _wrap(split: _Raw) -> DataSplit:
     return TensorDataset(*split) if isinstance(split, tuple) else split
 
 
+def _relabel(split: _Raw, keep: list[int]) -> _Raw:
+    """The examples of ``keep``'s classes, labels replaced by their position in ``keep``."""
+    y = _labels(split)
+    lut = torch.full((max(int(y.max()) + 1 if len(y) else 0, max(keep) + 1),), -1, dtype=torch.int64)
+    lut[torch.tensor(keep)] = torch.arange(len(keep))
+    idx = torch.nonzero(lut[y] >= 0).flatten().numpy() if len(y) else np.zeros(0, np.int64)
+    part = _take(split, idx)
+    new = lut[_labels(part)]
+    if isinstance(part, tuple):
+        return (*part[:-1], new)
+    if isinstance(part, DictDataset):
+        return DictDataset({**part.columns, TARGET_KEY: new})
+    return type(part)(part.texts, new)  # TextDataset
+
+
+def _keep_classes(cfg: DataConfig, name: str, task: Task, train: _Raw, test: _Raw, val: DataSplit | None,
+                  num_classes: int, class_names: Sequence[str]) -> tuple[Any, ...]:
+    from edgetune.core.errors import ConfigError
+
+    keep = list(cfg.classes or [])
+    if task != "classification":
+        raise ConfigError(f"data.classes keeps classes of a classification dataset, but {name!r} is {task}; "
+                          "remove data.classes")
+    unknown = [c for c in keep if c >= num_classes]
+    if unknown:
+        raise ConfigError(f"data.classes names {unknown}, but {name!r} has classes 0-{num_classes - 1}; "
+                          "fix data.classes")
+    train, test = _relabel(train, keep), _relabel(test, keep)
+    if val is not None:
+        raw = val.tensors if isinstance(val, TensorDataset) else val
+        val = _wrap(_relabel(raw, keep))
+    names = [class_names[c] for c in keep] if len(class_names) == num_classes else []
+    return train, test, val, len(keep), names
+
+
 def make_bundle(
     cfg: DataConfig,
     *,
@@ -142,6 +178,9 @@ def make_bundle(
             kept, held = np.sort(perm[k:]), np.sort(perm[:k])
         val = _wrap(_take(train, held))
         train = _take(train, kept)
+    if cfg.classes is not None:
+        train, test, val, num_classes, class_names = _keep_classes(cfg, name, task, train, test, val, num_classes,
+                                                                   class_names)
     if input_shape is None:
         input_shape = tuple(train[0].shape[1:]) if isinstance(train, tuple) else ()
     bundle = DataBundle(
