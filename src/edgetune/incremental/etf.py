@@ -68,7 +68,8 @@ def simplex_etf(num_classes: int, dim: int, *, seed: int = 0, dtype: torch.dtype
     """``(K, d)`` simplex ETF: unit rows, pairwise cosine ``-1/(K-1)``, zero mean, from a seeded random frame.
 
     num_classes K >= 1, dim d >= 1. Exact when ``d >= K - 1`` (module docstring: the Helmert form covers
-    ``d == K - 1``). K = 1 gives one seeded random unit vector; K = 2 an antipodal pair ``(u, -u)``.
+    ``d == K - 1``). K = 1 gives one seeded random unit vector (zero mean needs K >= 2); K = 2 an
+    antipodal pair ``(u, -u)``.
     When ``d < K - 1`` logs a warning and returns :func:`near_etf`'s minimax-cosine frame instead.
     Same (K, d, seed): same matrix (computed in float64 on the CPU, then cast to ``dtype``).
     """
@@ -139,7 +140,7 @@ def _minimax_cosine(
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * frac)) + 1e-4 * lr
         xn = torch.nn.functional.normalize(x, dim=1)
         cos = (xn @ xn.T)[off]  # (K(K-1),) every ordered pair
-        worst = float(cos.max())
+        worst = float(cos.detach().max())
         if worst < best:
             best, best_m = worst, xn.detach().clone()
         loss = torch.logsumexp(t * cos, dim=0) / t
