@@ -102,7 +102,7 @@ def near_etf(
     lr: float = 0.05,
     temperature: tuple[float, float] = (10.0, 3000.0),
 ) -> tuple[Tensor, float]:
-    """Near-ETF for ``d < K - 1``: ``(K, d)`` unit rows minimizing the largest pairwise cosine, and that cosine.
+    """Near-ETF for ``d < K - 1``: ``(K, d)`` unit rows minimizing the largest pairwise cosine, and that value.
 
     Rule: minimize ``c(M) = max_{i != j} <m_i, m_j>`` over unit rows (the spherical-code / Tammes problem;
     the exact simplex ETF is its solution whenever ``d >= K - 1``). The max is replaced by its smooth upper
@@ -125,7 +125,8 @@ def _minimax_cosine(
     k: int, dim: int, seed: int, steps: int, lr: float, temperature: tuple[float, float]
 ) -> tuple[Tensor, float]:
     generator = torch.Generator().manual_seed(seed)
-    start = torch.nn.functional.normalize(torch.randn(k, dim, generator=generator, dtype=torch.float64), dim=1)
+    start = torch.randn(k, dim, generator=generator, dtype=torch.float64)
+    start = torch.nn.functional.normalize(start, dim=1)
     if k == 1:
         return start, float("-inf")
     x = start.clone().requires_grad_(True)
