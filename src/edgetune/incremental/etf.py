@@ -102,7 +102,7 @@ def near_etf(
     lr: float = 0.05,
     temperature: tuple[float, float] = (10.0, 3000.0),
 ) -> tuple[Tensor, float]:
-    """Near-ETF for ``d < K - 1``: ``(K, d)`` unit rows minimizing the largest pairwise cosine, and that value.
+    """Near-ETF for ``d < K - 1``: ``(K, d)`` unit rows minimizing the largest pairwise cosine, and that max.
 
     Rule: minimize ``c(M) = max_{i != j} <m_i, m_j>`` over unit rows (the spherical-code / Tammes problem;
     the exact simplex ETF is its solution whenever ``d >= K - 1``). The max is replaced by its smooth upper
