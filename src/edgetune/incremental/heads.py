@@ -175,8 +175,8 @@ class ETFHead(nn.Module):
         if n > self.num_reserved:
             raise ConfigError(
                 f"cannot activate {n} more classes: {self._active} of total_classes={self.total_classes} "
-                f"slots are in use, {self.num_reserved} reserved slots remain; build the ETFHead with a larger "
-                "total_classes (e.g. the number of classes over all sessions)."
+                f"slots are in use, {self.num_reserved} reserved slots remain; build the ETFHead with a "
+                "larger total_classes (e.g. the number of classes over all sessions)."
             )
         new = list(range(self._active, self._active + n))
         self._active += n
