@@ -1,10 +1,11 @@
-"""Reference models (MLP, CIFAR ResNet-20, FSCIL ResNet-12, small ViT, small Transformer) and their registry.
+"""Reference models (MLP, small CNN, CIFAR ResNet-20, FSCIL ResNet-12, small ViT, small Transformer) and their registry.
 
 ``build_model(name, options, spec, device, dtype)`` builds a registered model from validated options;
 ``edgetune ls models`` lists them.
 """
 
 from edgetune.models.base import MODELS, ModelSpec, build_model, register_model
+from edgetune.models.convnet import ConvNet, ConvNetConfig
 from edgetune.models.mlp import MLP, MLPConfig
 from edgetune.models.resnet import CifarResNet, ResNet12, ResNet12Config, ResNet20Config
 from edgetune.models.transformer import (
@@ -22,6 +23,8 @@ __all__ = [
     "MODELS",
     "CausalLM",
     "CifarResNet",
+    "ConvNet",
+    "ConvNetConfig",
     "FeedForward",
     "MLPConfig",
     "ModelSpec",

@@ -49,7 +49,7 @@ def _buildable(name: str) -> list[ModelSpec]:
 
 
 def test_builtins_registered() -> None:
-    assert {"mlp", "resnet20", "resnet12", "vit", "transformer"} <= set(MODELS.names())
+    assert {"mlp", "convnet", "resnet20", "resnet12", "vit", "transformer"} <= set(MODELS.names())
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -136,7 +136,7 @@ def test_unknown_model_name_suggests() -> None:
 def test_image_models_expose_features_and_linear_head() -> None:
     spec = ModelSpec((3, 16, 16), 6)
     x = torch.randn(2, 3, 16, 16)
-    for name in ("mlp", "resnet20", "resnet12", "vit"):
+    for name in ("mlp", "convnet", "resnet20", "resnet12", "vit"):
         model = build_model(name, {}, spec).eval()
         feats = model.features(x)
         assert feats.shape == (2, model.feature_dim)
