@@ -153,8 +153,8 @@ def split_from_index_lists(
             raise DataError(
                 f"{item.where(i)}: index {int(item.indices[i])} is out of range of the train set ({n} "
                 f"examples, indices 0..{n - 1}). The lists index the full CIFAR-100 train set in its "
-                "original order (50000 images): pass the labels of the whole train split, without a validation hold-out, "
-                "shuffling or class subset."
+                "original order (50000 images): pass the labels of the whole train split, without a "
+                "validation hold-out, shuffling or class subset."
             )
     classes: list[list[int]] = []
     owner: dict[int, int] = {}  # class -> session (0-based) that introduced it
@@ -177,8 +177,8 @@ def split_from_index_lists(
             raise DataError(
                 f"{str(item.path)!r}: the session's classes have unequal shot counts ({per_class}); classes "
                 f"{odd} (lines {odd_lines}) differ from the usual {mode}. The published lists have 5 shots "
-                "of each new class: check that the labels belong to these lists, or build an uneven split with "
-                "class_incremental_split / IncrementalSplit by hand."
+                "of each new class: check that the labels belong to these lists, or build an uneven split "
+                "with class_incremental_split / IncrementalSplit by hand."
             )
         classes.append([int(c) for c in session_classes])
     train = [torch.from_numpy(np.sort(item.indices)) for item in lists]
