@@ -116,6 +116,7 @@ def _stage_lines(folder: Path, summary: dict[str, Any], level: str, prefix: str 
     lines += [f"- note: {n}" for n in [*summary.get("data_notes", []), *summary.get("model_notes", [])]]
     rows = [(label, summary.get(key)) for label, key in _ROWS]
     rows += [(k, v) for k, v in summary.get("method_metrics", {}).items()]
+    rows += [(k, summary.get(k)) for k in summary.get("step_metrics", [])]  # the figures a family's step names
     lines += ["", f"{level} Results", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
     groups = summary.get("trainable_by_module") or {}

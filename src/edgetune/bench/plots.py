@@ -1,27 +1,5 @@
-"""Figures of the bench suites: matplotlib without a display, and saving a figure beside the results."""
+"""Figures of the bench suites (the helpers live in :mod:`edgetune.core.figures`, shared with report plots)."""
 
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
+from edgetune.core.figures import pyplot, save_figure
 
 __all__ = ["pyplot", "save_figure"]
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend (no display needed), imported on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` to ``path`` (its folder created), close it, and return the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    pyplot().close(fig)
-    return out

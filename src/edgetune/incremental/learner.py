@@ -177,7 +177,7 @@ class IncrementalLearner:
                                                   float(self.config.budget or 0.0)))
         self.classes, self.base_classes = classes, list(classes)
         self.sums, self.counts, self.threshold, self.sessions = sums, counts, threshold, 0
-        log.info("base session: %d classes from %d examples%s", len(classes), len(y),
+        log.debug("base session: %d classes from %d examples%s", len(classes), len(y),
                  f"; gate {self.config.gate} threshold {threshold:.4f}" if threshold is not None else "")
         return self
 
@@ -219,7 +219,7 @@ class IncrementalLearner:
         self.counts = torch.cat([all_counts, cnt[idx]])
         self.classes = self.classes + new
         self.sessions += 1
-        log.info("session %d: %d new classes from %d examples (%d classes in all)", self.sessions, len(new), len(y),
+        log.debug("session %d: %d new classes from %d examples (%d classes in all)", self.sessions, len(new), len(y),
                  len(self.classes))
         return new
 

@@ -56,7 +56,7 @@ def run_sessions(
         rec = {"session": s, "classes": len(split.seen_classes(s)), "new_classes": len(new), "shots": shots,
                **metrics, "add_ms": add_ms}
         records.append(rec)
-        log.info("session %d: %d classes, acc %.4f (base %s, novel %s)", s, rec["classes"], rec["acc"],
+        log.debug("session %d: %d classes, acc %.4f (base %s, novel %s)", s, rec["classes"], rec["acc"],
                  _fmt(rec["base_acc"]), _fmt(rec["novel_acc"]))
     return records
 

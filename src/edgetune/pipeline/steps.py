@@ -3,7 +3,8 @@
 ``train`` (the default) runs the training loop; ``evaluate`` only measures. A family registers its own step
 (a merge, adding classes) with :func:`register_step`; the stage's options for it sit under the key of the same
 name, validated by the step's config class. A step gets a :class:`StepContext` and returns the metrics it
-measured; the pipeline saves the model, measures it and writes the report.
+measured (``step_metrics``: the list of its own keys the report's results table shows); the pipeline saves the
+model, measures it and writes the report.
 """
 
 from __future__ import annotations
