@@ -47,7 +47,7 @@ def _check_sizes(num_classes: int, dim: int) -> None:
 def _helmert_basis(k: int, dtype: torch.dtype) -> Tensor:
     """``(k, k-1)`` orthonormal basis of the vectors orthogonal to ``1_k``: column j is
     ``(1, ..., 1, -(j+1), 0, ..., 0) / sqrt((j+1)(j+2))`` with j + 1 ones."""
-    h = torch.zeros(k, k - 1, dtype=torch.float64)
+    h = torch.zeros(k, k - 1, dtype=torch.float64, device="cpu")
     for j in range(k - 1):
         h[: j + 1, j] = 1.0
         h[j + 1, j] = -(j + 1.0)
@@ -58,7 +58,7 @@ def _helmert_basis(k: int, dtype: torch.dtype) -> Tensor:
 def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
     """``(rows, cols)`` with orthonormal columns (rows >= cols), Haar-distributed: QR of a Gaussian with the
     signs of R's diagonal moved into Q, so the result does not depend on the LAPACK sign convention."""
-    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64, device="cpu"))
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
     return q * signs
@@ -77,7 +77,7 @@ def simplex_etf(num_classes: int, dim: int, *, seed: int = 0, dtype: torch.dtype
     k = num_classes
     generator = torch.Generator().manual_seed(int(seed))
     if k == 1:
-        u = torch.randn(1, dim, generator=generator, dtype=torch.float64)
+        u = torch.randn(1, dim, generator=generator, dtype=torch.float64, device="cpu")
         return torch.nn.functional.normalize(u, dim=1).to(dtype)
     if dim < k - 1:
         m, coherence = near_etf(k, dim, seed=seed)
@@ -125,13 +125,13 @@ def _minimax_cosine(
     k: int, dim: int, seed: int, steps: int, lr: float, temperature: tuple[float, float]
 ) -> tuple[Tensor, float]:
     generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(k, dim, generator=generator, dtype=torch.float64)
+    start = torch.randn(k, dim, generator=generator, dtype=torch.float64, device="cpu")
     start = torch.nn.functional.normalize(start, dim=1)
     if k == 1:
         return start, float("-inf")
     x = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
-    off = ~torch.eye(k, dtype=torch.bool)
+    off = ~torch.eye(k, dtype=torch.bool, device="cpu")
     t0, t1 = temperature
     best, best_m = math.inf, start
     for i in range(steps):
