@@ -108,8 +108,9 @@ class ETFHead(nn.Module):
     :meth:`activate` turns on the next ones for new classes (class ``c`` gets slot ``c``). The number of
     active slots is saved in the state dict (``num_active``) and restored on load.
     When ``in_features < total_classes - 1`` the frame is a near-ETF
-    (:func:`~edgetune.incremental.etf.near_etf`, about a second of CPU to build) and a warning says so: e.g. ResNet-20's 64-d features with 100 slots
-    (largest pairwise cosine about 0.002 instead of -1/99); 60 active slots alone fit exactly.
+    (:func:`~edgetune.incremental.etf.near_etf`, about a second of CPU to build) and a warning says so,
+    e.g. ResNet-20's 64-d features with 100 slots (largest pairwise cosine about 0.002 instead of -1/99);
+    60 active slots alone fit exactly.
     """
 
     def __init__(
