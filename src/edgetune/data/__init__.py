@@ -16,6 +16,7 @@ from edgetune.data.base import (
     register_dataset,
 )
 from edgetune.data.common import make_bundle
+from edgetune.data.fscil_index import read_index_lists, split_from_index_lists
 from edgetune.data.idx import read_idx, read_idx_images, read_idx_labels, read_idx_pair, write_idx
 from edgetune.data.locate import find_dataset
 from edgetune.data.splits import FewShotEpisode, IncrementalSplit, class_incremental_split, few_shot_episode
@@ -44,7 +45,9 @@ __all__ = [
     "read_idx_images",
     "read_idx_labels",
     "read_idx_pair",
+    "read_index_lists",
     "register_dataset",
+    "split_from_index_lists",
     "tokenize_bundle",
     "tokenize_split",
     "write_idx",

@@ -3,4 +3,4 @@ and the report plots (accuracy per session, FOR-NCR curves)."""
 
 from __future__ import annotations
 
-from edgetune.incremental import base_training, plots, stage  # noqa: F401  (each registers its part)
+from edgetune.incremental import base_training, bench, plots, stage  # noqa: F401  (each registers its part)

@@ -48,6 +48,7 @@ class Backbone:
 
     model: the network; head: name of its classification head (default: found by :func:`find_head`);
     layer / orders: pool this module's output with these moment orders instead (see the module docstring);
+    block_norm: L2-normalize each order's block before concatenating (equal say for every order in a cosine);
     transform: the per-batch preprocessing the model expects (a data bundle's or a LoadedModel's);
     device, batch_size: where and how many examples at a time.
     """
@@ -60,6 +61,7 @@ class Backbone:
         layer: str | None = None,
         orders: Sequence[int] | None = None,
         skip_first: bool = False,
+        block_norm: bool = False,
         transform: BatchTransform | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 256,
@@ -69,6 +71,7 @@ class Backbone:
         self.transform = transform
         self.batch_size = batch_size
         self.skip_first = skip_first
+        self.block_norm = block_norm
         self.orders = check_orders(orders) if orders is not None else None
         modules = dict(model.named_modules())
         if layer is not None and layer not in modules:
@@ -128,13 +131,13 @@ class Backbone:
     def _pool(self, h: Tensor, batch: Any) -> Tensor:
         orders = self.orders or (1,)
         if h.ndim == 4:  # (B, C, H, W)
-            return moment_pool(h, (2, 3), orders)
+            return moment_pool(h, (2, 3), orders, block_norm=self.block_norm)
         if h.ndim == 3:  # (B, L, D) tokens
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             mask = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.clone()
             if self.skip_first:
                 mask[:, 0] = 0
-            return moment_pool(h, 1, orders, mask)
+            return moment_pool(h, 1, orders, mask, block_norm=self.block_norm)
         raise ShapeError(f"cannot pool {self.layer!r} output of shape {tuple(h.shape)}: expected (B, C, H, W) or "
                          "(B, L, D)")
 

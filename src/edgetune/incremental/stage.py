@@ -61,7 +61,8 @@ class IncrementalStepConfig(Config):
         files (``session_1.txt`` ...; CIFAR-100 from TOPIC/CEC), which fix the shots too.
     shots: training examples per new class; draws: shot draws replayed and averaged (seed, seed+1, ...).
     calibration / teen_shift / teen_temperature / normalize_first / gate / budget: the learner's options.
-    layer / orders / skip_first: take features as moments of this module's output instead of the head's input.
+    layer / orders / skip_first / block_norm: take features as moments of this module's output instead of the
+        head's input (skip_first drops the first token, [CLS]; block_norm L2-normalizes each order's block).
     ncd: run the one-shot controllable-forgetting protocol too (None: skip).
     """
 
@@ -81,6 +82,7 @@ class IncrementalStepConfig(Config):
     layer: str | None = None
     orders: list[int] | None = None
     skip_first: bool = False
+    block_norm: bool = False
     batch_size: int = Field(default=256, ge=1)
     ncd: NcdOptions | None = None
 
@@ -143,7 +145,7 @@ def incremental_step(ctx: StepContext) -> dict[str, Any]:
     if data.task != "classification":
         raise ConfigError(f"step: incremental needs a classification dataset; {data.name} is {data.task}")
     backbone = Backbone(ctx.loaded.model, head=ctx.loaded.head if opts.layer is None else None, layer=opts.layer,
-                        orders=opts.orders, skip_first=opts.skip_first, transform=ctx.transform, device=ctx.device,
+                        orders=opts.orders, skip_first=opts.skip_first, block_norm=opts.block_norm, transform=ctx.transform, device=ctx.device,
                         batch_size=opts.batch_size)
     t0 = time.perf_counter()
     train, test = backbone.extract(data.train), backbone.extract(data.test)
