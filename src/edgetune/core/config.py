@@ -276,20 +276,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a deep copy of ``data`` with dotted ``key=value`` overrides applied (validation comes later)."""
+    """Return a deep copy of ``data`` with dotted ``key=value`` overrides applied (validation comes later).
+
+    A list of named mappings (a recipe's ``stages``) is entered by name: ``stages.sessions.incremental.shots=1``.
+    """
     out: dict[str, Any] = copy.deepcopy(dict(data))
     for text in overrides:
         parts, value = parse_override(text)
         node = out
         for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                named = [n for n in node if isinstance(n, dict) and n.get("name") == part]
+                if not named:
+                    names = [n.get("name") for n in node if isinstance(n, dict)]
+                    raise ConfigError(f"override {text!r}: {'.'.join(parts[:i])} has no entry named {part!r}; "
+                                      f"names: {', '.join(map(str, names)) or '(none)'}")
+                node = named[0]
+                continue
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
-            if not isinstance(nxt, dict):
+            if not isinstance(nxt, (dict, list)):
                 raise ConfigError(
                     f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
                 )
             node = nxt
+        if isinstance(node, list):
+            raise ConfigError(f"override {text!r}: name a key inside the entry {parts[-1]!r}, e.g. "
+                              f"{'.'.join(parts)}.train.epochs=3")
         node[parts[-1]] = value
     return out
 

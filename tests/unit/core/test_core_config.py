@@ -57,6 +57,18 @@ def test_overrides_parse_yaml_values_and_nest():
         apply_overrides({"a": 1}, ["a.b=2"])
 
 
+def test_overrides_enter_stages_by_name():
+    recipe = {"stages": [{"name": "base", "train": {"epochs": 2}}, {"name": "sessions", "step": "incremental"}]}
+    out = apply_overrides(recipe, ["stages.base.train.epochs=5", "stages.sessions.incremental.shots=1"])
+    assert out["stages"] == [{"name": "base", "train": {"epochs": 5}},
+                             {"name": "sessions", "step": "incremental", "incremental": {"shots": 1}}]
+    assert recipe["stages"][0]["train"]["epochs"] == 2  # the input is not changed
+    with pytest.raises(ConfigError, match="no entry named 'bas'; names: base, sessions"):
+        apply_overrides(recipe, ["stages.bas.train.epochs=5"])
+    with pytest.raises(ConfigError, match="name a key inside the entry 'base'"):
+        apply_overrides(recipe, ["stages.base=3"])
+
+
 def test_registry_raises_on_duplicates_and_suggests():
     reg: Registry[int] = Registry("thing-test")
     reg.add("alpha", 1)
