@@ -58,7 +58,8 @@ class IncrementalStepConfig(Config):
     base_classes: the base session's classes (a count n for 0..n-1, a list, or ``"0-59"``).
     ways / sessions: then ``sessions`` sessions of ``ways`` new classes each, in ascending class order; or
     session_classes: explicit class lists per session; or index_lists: a folder of the standard FSCIL index
-        files (``session_1.txt`` ...; CIFAR-100 from TOPIC/CEC), which fix the shots too.
+        files (``session_1.txt`` ...; CIFAR-100 from TOPIC/CEC), which fix the sessions and shots (checked
+        against base_classes, ways, sessions and shots when those are given).
     shots: training examples per new class; draws: shot draws replayed and averaged (seed, seed+1, ...).
     calibration / teen_shift / teen_temperature / normalize_first / gate / budget: the learner's options.
     layer / orders / skip_first / block_norm: take features as moments of this module's output instead of the
@@ -88,7 +89,7 @@ class IncrementalStepConfig(Config):
 
     @model_validator(mode="after")
     def _protocol(self) -> IncrementalStepConfig:
-        given = [k for k in ("ways", "session_classes", "index_lists") if getattr(self, k) is not None]
+        given = [k for k in ("ways", "session_classes") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one way to define the sessions, not {' and '.join(given)}")
         if self.ways is not None and self.sessions is None:
@@ -111,7 +112,16 @@ def _split(opts: IncrementalStepConfig, y_train: torch.Tensor, y_test: torch.Ten
     if opts.index_lists is not None:
         from edgetune.data.fscil_index import split_from_index_lists
 
-        return split_from_index_lists(opts.index_lists, y_train, y_test)
+        split = split_from_index_lists(opts.index_lists, y_train, y_test)
+        found = (len(split.classes[0]), [len(c) for c in split.classes[1:]],
+                 {len(t) // max(1, len(c)) for t, c in zip(split.train[1:], split.classes[1:], strict=True)})
+        want = (len(opts.base_list()), None if opts.ways is None else [opts.ways] * (opts.sessions or 0), {opts.shots})
+        if found[0] != want[0] or (want[1] is not None and found[1] != want[1]) or (found[2] and found[2] != want[2]):
+            raise ConfigError(f"the index lists in {opts.index_lists} give {found[0]} base classes, sessions of "
+                              f"{found[1]} classes and {sorted(found[2])} shots, but the recipe says {want[0]} base "
+                              f"classes, {opts.sessions} sessions of {opts.ways} ways and {opts.shots} shots: make "
+                              "them agree (or drop ways/sessions)")
+        return split
     base = opts.base_list()
     if opts.session_classes is not None:
         sessions: Any = opts.session_classes
@@ -144,6 +154,10 @@ def incremental_step(ctx: StepContext) -> dict[str, Any]:
     data = ctx.data
     if data.task != "classification":
         raise ConfigError(f"step: incremental needs a classification dataset; {data.name} is {data.task}")
+    if opts.index_lists is not None and (data.val is not None or ctx.cfg.data.limit_train or ctx.cfg.data.classes):
+        raise ConfigError("incremental.index_lists index the whole training set in its original order, but this "
+                          "stage holds part of it out (data.val_fraction, limit_train or classes): set them off in "
+                          "this stage, e.g. stages.<name>.data.val_fraction=0")
     backbone = Backbone(ctx.loaded.model, head=ctx.loaded.head if opts.layer is None else None, layer=opts.layer,
                         orders=opts.orders, skip_first=opts.skip_first, block_norm=opts.block_norm, transform=ctx.transform, device=ctx.device,
                         batch_size=opts.batch_size)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,46 +12,17 @@ from edgetune.core.errors import ConfigError, DataError
 from edgetune.data import DataConfig, load_dataset
 from edgetune.data.fscil_index import read_index_lists, split_from_index_lists
 from edgetune.data.splits import class_incremental_split
+from edgetune.testing.fake_cifar import fake_cifar100, write_index_lists
 
 PER_CLASS_TRAIN, PER_CLASS_TEST, SHOTS = 6, 2, 5
 
 
-def _dump(path: Path, obj: object) -> None:
-    path.write_bytes(pickle.dumps(obj, protocol=2))
-
-
 def _fake_cifar100(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A cifar-100-python folder with 100 classes x 6 train / 2 test images, in a shuffled class order."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    y_train = rng.permutation(np.repeat(np.arange(100), PER_CLASS_TRAIN))
-    y_test = rng.permutation(np.repeat(np.arange(100), PER_CLASS_TEST))
-    for name, y in (("train", y_train), ("test", y_test)):
-        _dump(folder / name, {
-            b"data": rng.integers(0, 256, (len(y), 3072), dtype=np.uint8),
-            b"fine_labels": y.tolist(),
-            b"coarse_labels": (y % 20).tolist(),  # superclasses cut across the sessions, as in CIFAR-100
-        })
-    _dump(folder / "meta", {
-        b"fine_label_names": [b"f%d" % i for i in range(100)],
-        b"coarse_label_names": [b"k%d" % i for i in range(20)],
-    })
-    return y_train, y_test
+    return fake_cifar100(root, PER_CLASS_TRAIN, PER_CLASS_TEST)
 
 
 def _write_lists(folder: Path, y_train: np.ndarray) -> list[list[int]]:
-    """session_1: every train image of classes 0-59 (shuffled); session_s: 5 shots of classes 55+5s..59+5s,
-    written shot by shot across the 5 classes, one bare integer per line, as in xyutao/fscil."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    lists = [rng.permutation(np.flatnonzero(y_train < 60)).tolist()]
-    for s in range(8):
-        per_class = [np.flatnonzero(y_train == c)[:SHOTS] for c in range(60 + 5 * s, 65 + 5 * s)]
-        lists.append([int(per_class[c][k]) for k in range(SHOTS) for c in range(5)])
-    for i, items in enumerate(lists, 1):
-        (folder / f"session_{i}.txt").write_text("".join(f"{v}\n" for v in items))
-    return lists
+    return write_index_lists(folder, y_train, SHOTS)
 
 
 @pytest.fixture
