@@ -82,10 +82,10 @@ def check_budget(budget: float) -> float:
         raise ConfigError(f"forgetting budget {budget!r} is not a number: give a fraction in (0, 1), e.g. 0.02 "
                           "for 2%") from None
     if not math.isfinite(b) or not 0.0 < b < 1.0:
-        hint = (f" ({budget} looks like a percentage: use {b / 100:g})" if 1.0 < b < 100.0 else
+        hint = (f" ({b:g} looks like a percentage: use {b / 100:g})" if 1.0 < b < 100.0 else
                 " (0 forbids any novel decision: use the vanilla rule with no gate, or a small budget like 0.01)"
                 if b == 0.0 else " (1 would allow forgetting every base class)" if b == 1.0 else "")
-        raise ConfigError(f"forgetting budget {budget} is outside (0, 1){hint}: give the fraction of base accuracy "
+        raise ConfigError(f"forgetting budget {b:g} is outside (0, 1){hint}: give the fraction of base accuracy "
                           "the novel classes may take, e.g. 0.02 for 2%")
     return b
 
