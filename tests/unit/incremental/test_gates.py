@@ -92,7 +92,7 @@ def test_hand_case() -> None:
 @pytest.mark.parametrize("rule", ["base-gate", "base-gate-or-vanilla"])
 @pytest.mark.parametrize("budget", [0.02, 0.05, 0.1])
 def test_base_gate_meets_the_budget_on_its_calibration_set(rule: str, budget: float) -> None:
-    z, y, centres = _sphere(60, 20, 32, 0.25, seed=0)
+    z, y, _ = _sphere(60, 20, 32, 0.25, seed=0)
     protos = F.normalize(torch.stack([z[y == c].mean(0) for c in range(20)]), dim=1)
     gate = make_gate(rule, budget)
     tau = gate.calibrate(z, y, protos, budget)
