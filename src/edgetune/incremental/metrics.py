@@ -132,24 +132,28 @@ class CurveSweep:
     cum_ncr: Tensor
     const_for: float
     const_ncr: float
+    dtype: torch.dtype = torch.float64
 
     def at(self, thresholds: Tensor | Sequence[float]) -> OperatingCurve:
-        """The curve at ``thresholds`` (the gate's natural units), ordered from fewest to most flagged."""
-        th = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(self.u.device)
-        th_u = torch.sort(th if self.flags_below else -th).values
-        count = torch.searchsorted(self.u, th_u, side="left")  # examples with u < threshold
-        natural = th_u if self.flags_below else -th_u
-        return OperatingCurve(natural.cpu(), (self.const_for + self.cum_for[count]).cpu(),
-                              (self.const_ncr + self.cum_ncr[count]).cpu())
+        """The curve at ``thresholds`` (the gate's natural units), ordered from fewest to most flagged. Thresholds
+        are rounded to the statistic's dtype first, as a comparison in :meth:`NoveltyGate.predict` rounds them."""
+        th = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1).to(self.dtype).double()
+        return self._read(torch.sort(th if self.flags_below else -th).values)
 
     def full(self) -> OperatingCurve:
         """The whole curve: nothing flagged, then each distinct statistic value in turn (midpoint thresholds)."""
         vals = torch.unique(self.u)  # sorted
         if len(vals) == 0:
-            th_u = torch.zeros(1, dtype=torch.float64, device=self.u.device)
-        else:
-            th_u = torch.cat([vals[:1] - 1.0, (vals[1:] + vals[:-1]) / 2, vals[-1:] + 1.0])
-        return self.at(th_u if self.flags_below else -th_u)
+            return self._read(torch.zeros(1, dtype=torch.float64, device=self.u.device))
+        return self._read(torch.cat([vals[:1] - 1.0, (vals[1:] + vals[:-1]) / 2, vals[-1:] + 1.0]))
+
+    def _read(self, th_u: Tensor) -> OperatingCurve:
+        """Points at ascending thresholds in u's orientation (flagged iff ``u < threshold``)."""
+        th_u = th_u.to(self.u.device)
+        count = torch.searchsorted(self.u, th_u, side="left")  # examples with u < threshold
+        natural = th_u if self.flags_below else -th_u
+        return OperatingCurve(natural.cpu(), (self.const_for + self.cum_for[count]).cpu(),
+                              (self.const_ncr + self.cum_ncr[count]).cpu())
 
 
 def curve_sweep(gate: NoveltyGate, scores: Tensor, is_base: Tensor, target: Tensor, *,
@@ -191,7 +195,8 @@ def sweep_parts(gate: NoveltyGate, s_b: Tensor, s_n: Tensor, cost: Tensor, gain:
     """The sweep of :func:`curve_sweep` from its parts, all ``(N,)``: best base and novel scores, and what flagging
     each example costs in FOR (a correctly classified base example: ``1 / N_base``) and earns in NCR (a novel
     example its novel prototypes classify correctly: ``1 / N_novel``). For callers that reuse scores."""
-    stat = gate.statistic_of(s_b, s_n).double()
+    raw = gate.statistic_of(s_b, s_n)
+    stat = raw.double()
     u = stat if gate.flags_below else -stat  # flagged iff u < threshold (in u's orientation)
     always = gate.always_of(s_b, s_n)
     keep = ~always & torch.isfinite(u)
@@ -200,7 +205,7 @@ def sweep_parts(gate: NoveltyGate, s_b: Tensor, s_n: Tensor, cost: Tensor, gain:
     cost, gain = cost.double(), gain.double()
     return CurveSweep(gate.flags_below, u, torch.cat([zero, torch.cumsum(cost[keep][order], 0)]),
                       torch.cat([zero, torch.cumsum(gain[keep][order], 0)]), float(cost[always].sum()),
-                      float(gain[always].sum()))
+                      float(gain[always].sum()), raw.dtype if raw.is_floating_point() else torch.float64)
 
 
 def operating_curve(gate: NoveltyGate, scores: Tensor, is_base: Tensor, target: Tensor, *,
