@@ -71,11 +71,14 @@ def ncd_protocol(base_protos: Tensor, val_z: Tensor, val_y: Tensor, base_test_z:
     n_base = len(protos)
     _check_inputs(protos, (val_z, val_y, "calibration"), (base_test_z, base_test_y, "base test"),
                   (novel_train_z, novel_train_y, "novel training"), (novel_test_z, novel_test_y, "novel test"))
-    for name, y in (("base test", base_test_y), ("calibration", val_y)):
-        bad = sorted({int(c) for c in y.tolist()} - set(range(n_base)))
-        if bad:
-            raise ConfigError(f"{name} labels {bad[:10]} are not base classes (0-{n_base - 1}, the rows of "
-                              "base_protos)")
+    bad = sorted({int(c) for c in base_test_y.tolist()} - set(range(n_base)))
+    if bad:
+        raise ConfigError(f"base test labels {bad[:10]} are not base classes (0-{n_base - 1}, the rows of "
+                          "base_protos): the novel classes' test data goes in novel_test_z / novel_test_y")
+    bad = sorted({int(c) for c in val_y.tolist()} - set(range(n_base)))
+    if bad:
+        raise ConfigError(f"a calibration set from the wrong classes: labels {bad[:10]} are not base classes "
+                          f"(0-{n_base - 1}); the calibration set must be held-out BASE training data")
     classes = sorted({int(c) for c in novel_test_y.tolist()})
     clash = sorted(set(classes) & set(range(n_base)))
     if clash:
