@@ -8,7 +8,8 @@ learned so far after each problem (the accuracy matrix ``R[i, j]``):
 - ``hop-mean`` / ``hop-cls``: the same with mean pooling (order 1) / the [CLS] vector (ablations of pooling);
 - ``seq-ft``: fine-tuning in sequence: one shared adapter trained problem after problem, moment pooling, a head
   per problem (task-incremental) or one shared head (domain-incremental): the forgetting baseline;
-- ``joint``: one shared adapter trained on all problems at once (same steps in all), the multitask upper bound.
+- ``joint``: one shared adapter trained on all problems at once (same steps in all), the multitask upper bound;
+- ``seq-ft-full`` (only when asked for): the whole encoder fine-tuned in sequence (learning rate 5e-5).
 
 Task-incremental sequences name the problem at test. Domain-incremental ones do not: the HOP variants pick the
 problem by ``select`` (default: the most confident adapter and head), and are also scored with the problem given
@@ -40,7 +41,7 @@ from edgetune.incremental.continual_metrics import summarize_matrix
 from edgetune.incremental.hop import HopConfig, HopModel
 from edgetune.incremental.text_sequences import Problem, SequenceConfig, TextSequence, build_sequence
 
-__all__ = ["METHODS", "accuracy_matrix", "plot_sequences", "run_method", "text_table"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "accuracy_matrix", "plot_sequences", "run_method", "text_table"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "hop-cls": {"pool": "cls"},
     "seq-ft": {"adapters": "shared"},
     "joint": {"adapters": "shared"},
+    "seq-ft-full": {"adapters": "full", "lr": 5e-5},  # not in the default run: ~1.5x the time of seq-ft
 }
-FULL = {"sequences": ["brown-genres", "spam-domains"], "steps": 20, "max_length": 64, "train_per_class": 64,
-        "test_per_class": 32, "problems": None}
-QUICK = {"sequences": ["brown-genres"], "steps": 4, "max_length": 32, "train_per_class": 8, "test_per_class": 6,
-         "problems": 2}
+DEFAULT_METHODS = ("hop", "hop-mean", "hop-cls", "seq-ft", "joint")
+FULL = {"sequences": ["brown-genres", "spam-domains"], "steps": 20, "max_length": 48, "train_per_class": 64,
+        "test_per_class": 24, "problems": None}
+QUICK = {"sequences": ["brown-genres", "spam-domains"], "steps": 4, "max_length": 32, "train_per_class": 8,
+         "test_per_class": 6, "problems": 2}
 
 
 def _accuracy(model: HopModel, p: Problem, given: bool) -> float:
@@ -95,7 +98,7 @@ def run_method(method: str, seq: TextSequence, encoder: torch.nn.Module, tokeniz
     if method not in METHODS:
         raise ConfigError(f"incremental-text: unknown method {method!r}; choose from {list(METHODS)}")
     fields = dict(METHODS[method])
-    if seq.setting == "domain" and method in ("seq-ft", "joint"):
+    if seq.setting == "domain" and method in ("seq-ft", "joint", "seq-ft-full"):
         fields["heads"] = "shared"
     cfg = base.replace(**fields)
     model = HopModel(copy.deepcopy(encoder), tokenizer, cfg)
@@ -116,27 +119,19 @@ def run_method(method: str, seq: TextSequence, encoder: torch.nn.Module, tokeniz
     per_problem = cfg.adapters == "per_problem"
     if seq.setting == "task" or not per_problem:
         r, info = accuracy_matrix(model, seq, given=seq.setting == "task", ahead=seq.setting == "domain")
-        return [_row(common, method, "given" if seq.setting == "task" else "shared head", r, info, chance)]
+        alone = r.diagonal().tolist() if per_problem else None  # each problem learned alone: KT 0 by construction
+        return [_row(common, method, "given" if seq.setting == "task" else "shared head", r, info, chance, alone)]
     # domain-incremental HOP: one training, scored with the problem chosen by cfg.select and with it given
-    given_diag: list[float] = []
+    given = torch.full((len(seq), len(seq)), math.nan, dtype=torch.float64)
 
     def also_given(i: int, m: HopModel) -> None:
-        given_diag.append(_accuracy(m, seq.problems[i], True))
+        for j in range(i + 1):
+            given[i, j] = _accuracy(m, seq.problems[j], True)
 
     r, info = accuracy_matrix(model, seq, given=False, ahead=True, after_each=also_given)
-    given_rows = [_accuracy(model, p, True) for p in seq]  # final, problem given
-    g = torch.full_like(r, math.nan)
-    g[-1] = torch.tensor(given_rows, dtype=torch.float64)
-    for i, v in enumerate(given_diag):
-        g[i, i] = v
-    rows = [_row(common, method, cfg.select, r, info, chance, alone=given_diag)]
-    rows.append({**common, "method": f"{method} (problem given)", "selection": "given",
-                 "avg_acc": sum(given_rows) / len(given_rows), "final_acc": given_rows,
-                 "just_learned_acc": given_diag, "matrix": json.dumps(_lists(g)),
-                 "forgetting": sum(d - f for d, f in zip(given_diag[:-1], given_rows[:-1], strict=True))
-                 / max(1, len(seq) - 1) if len(seq) > 1 else math.nan,
-                 "train_s": info["train_s"], "trainable": info["trainable"]})
-    return rows
+    alone = given.diagonal().tolist()
+    return [_row(common, method, cfg.select, r, info, chance, alone=alone),
+            _row(common, f"{method} (problem given)", "given", given, info, chance, alone=alone)]
 
 
 def _lists(r: torch.Tensor) -> list[list[float | None]]:
@@ -162,7 +157,7 @@ def _with_kt(rows: list[dict[str, Any]]) -> None:
              if r["method"] in ("hop", "hop (problem given)") and r["selection"] == "given"}
     for r in rows:
         ref = alone.get(r["sequence"])
-        if r["method"] == "seq-ft" and ref is not None:
+        if r["method"] in ("seq-ft", "seq-ft-full") and ref is not None:
             r["kt"] = sum(a - b for a, b in zip(r["just_learned_acc"], ref, strict=True)) / len(ref)
 
 
@@ -183,12 +178,12 @@ def _load_encoder(name: str) -> tuple[torch.nn.Module, Any]:
 @register_suite(
     "incremental-text",
     summary="HOP vs mean/CLS pooling vs fine-tuning in sequence vs joint: continual text, accuracy matrix",
-    options={"sequences": "sequences (default brown-genres, spam-domains; quick: brown-genres)",
-             "methods": f"methods (default all: {', '.join(METHODS)})",
+    options={"sequences": "sequences (default brown-genres, spam-domains)",
+             "methods": f"methods (default {', '.join(DEFAULT_METHODS)}; also seq-ft-full)",
              "steps": "Adam steps per problem (default 20; quick 4)",
-             "max_length": "tokens per text (default 64; quick 32)",
+             "max_length": "tokens per text (default 48; quick 32)",
              "train_per_class": "training texts per class and problem (default 64; quick 8)",
-             "test_per_class": "test texts per class and problem (default 32; quick 6)",
+             "test_per_class": "test texts per class and problem (default 24; quick 6)",
              "problems": "keep the first N problems of each sequence (default all; quick 2)",
              "lr": "adapter learning rate (default 1e-3)", "head_lr": "head learning rate (default 1e-3)",
              "select": "domain-incremental choice of the problem: confidence (default), entropy, average",
@@ -198,7 +193,7 @@ def _load_encoder(name: str) -> tuple[torch.nn.Module, Any]:
 def _incremental_text(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     sizes = QUICK if ctx.quick else FULL
     opt = {k: ctx.option(k, v) for k, v in sizes.items()}
-    methods = [str(m) for m in _as_list(ctx.option("methods", list(METHODS)))]
+    methods = [str(m) for m in _as_list(ctx.option("methods", list(DEFAULT_METHODS)))]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"incremental-text: unknown methods {unknown}; choose from {list(METHODS)}")
@@ -242,22 +237,27 @@ def plot_sequences(rows: list[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(2, len(seqs), figsize=(6.2 * len(seqs), 7.5), squeeze=False)
     for c, name in enumerate(seqs):
         mine = [r for r in rows if r["sequence"] == name]
+        colour = {r["method"]: f"C{k}" for k, r in enumerate(mine)}
         ax = axes[0][c]
-        for k, r in enumerate(mine):
+        for r in mine:
             m = _matrix(r)
             label = r["method"] + ("" if r["selection"] in ("given", "shared head") else f" ({r['selection']})")
             if r["method"] == "joint":
                 ax.axhline(r["avg_acc"], ls="--", color="black", lw=1.2, label="joint (upper bound)")
             elif m is not None and all(m[i][j] is not None for i in range(len(m)) for j in range(i + 1)):
                 acc = [sum(m[i][: i + 1]) / (i + 1) for i in range(len(m))]  # type: ignore[arg-type]
-                ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=4, color=f"C{k}", label=label)
+                ax.plot(range(1, len(acc) + 1), acc, marker="o", ms=4, color=colour[r["method"]], label=label,
+                        ls=":" if "given" in r["method"] else "-")
         ax.set(xlabel="problems learned", ylabel="mean test accuracy over problems seen",
                title=f"{name} ({mine[0]['setting']}-incremental, {mine[0]['steps']} steps per problem)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         bars = [r for r in mine if isinstance(r.get("forgetting"), float) and not math.isnan(r["forgetting"])]
         ax2 = axes[1][c]
-        ax2.bar(range(len(bars)), [r["forgetting"] for r in bars], color=[f"C{i}" for i in range(len(bars))])
+        ax2.bar(range(len(bars)), [r["forgetting"] for r in bars], color=[colour[r["method"]] for r in bars])
+        for i, r in enumerate(bars):
+            ax2.annotate(f"{r['forgetting']:.3f}", (i, r["forgetting"]), ha="center", va="bottom", fontsize=7)
         ax2.set_xticks(range(len(bars)), [r["method"] for r in bars], rotation=25, ha="right", fontsize=8)
         ax2.axhline(0, color="black", lw=0.8)
         ax2.set(ylabel="forgetting (max earlier - final accuracy)", title=f"{name}: forgetting of old problems")
