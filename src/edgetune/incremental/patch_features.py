@@ -78,17 +78,16 @@ class PatchExtractor(nn.Module):
         """Preprocessed ``(B, 3, S, S) -> (B, D, h, w)``."""
         raise NotImplementedError
 
+    def train(self, mode: bool = True) -> PatchExtractor:
+        """Always eval mode: the extractor is frozen (batch-norm statistics and dropout never change)."""
+        return super().train(False)
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """uint8 / [0, 1] ``(B, 3, H, W) -> (B, D, h, w)``."""
         device = next(self.parameters()).device
         x = prepare_images(images.to(device), self.image_size, self.mean, self.std)
-        was_training = self.training
-        self.eval()
-        try:
-            out = self.grid_features(x)
-        finally:
-            self.train(was_training)
+        out = self.grid_features(x)
         if out.shape[-2:] != self.grid:
             raise ShapeError(f"{type(self).__name__} gave a {tuple(out.shape[-2:])} grid for {self.image_size} px "
                              f"inputs, expected {self.grid}; check the stride ({self.stride})")
@@ -100,7 +99,8 @@ class ConvPatches(PatchExtractor):
 
     def __init__(self, trunk: nn.Module, stride: int, image_size: int = 448, **norm: Any) -> None:
         super().__init__(image_size, stride, **norm)
-        self.trunk = trunk.eval().requires_grad_(False)
+        self.trunk = trunk.requires_grad_(False)
+        self.train(False)
 
     def grid_features(self, x: Tensor) -> Tensor:
         return self.trunk(x)
@@ -130,9 +130,10 @@ class TokenPatches(PatchExtractor):
     def __init__(self, tokens: Callable[[Tensor], Tensor], module: nn.Module, patch_size: int, image_size: int,
                  prefix: int = 1, **norm: Any) -> None:
         super().__init__(image_size, patch_size, **norm)
-        self.module = module.eval().requires_grad_(False)
+        self.module = module.requires_grad_(False)
         self._tokens = tokens
         self.prefix = int(prefix)
+        self.train(False)
 
     def grid_features(self, x: Tensor) -> Tensor:
         t = self._tokens(x)
