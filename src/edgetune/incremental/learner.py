@@ -34,6 +34,7 @@ from torch.utils.data import TensorDataset
 from edgetune.core.config import Config
 from edgetune.core.errors import CheckpointError, ConfigError, ShapeError
 from edgetune.incremental.features import Backbone
+from edgetune.incremental.metrics import session_accuracy
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums, teen_calibrate
 
 __all__ = ["IncrementalLearner", "LearnerConfig"]
@@ -257,7 +258,7 @@ class IncrementalLearner:
             raise ConfigError(f"the test data holds classes {unknown[:10]} the learner has not seen; test on seen "
                               "classes only (the FSCIL protocol tests after session s on classes 0..s)")
         pred = self.predict_features(z)
-        return accuracy_split(pred, y, self.base_classes)
+        return session_accuracy(pred, y, self.base_classes)
 
     # ------------------------------------------------------------------------------------------------ files
     def state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -306,18 +307,6 @@ class IncrementalLearner:
         learner.threshold = json.loads(meta["threshold"])
         learner.sessions = int(meta.get("sessions", 0))
         return learner
-
-
-def accuracy_split(pred: Tensor, y: Tensor, base_classes: Sequence[int]) -> dict[str, float | None]:
-    """``acc`` over all, ``base_acc`` / ``novel_acc`` over examples of base / other classes, harmonic mean."""
-    correct = (pred == y).double()
-    is_base = torch.isin(y, torch.tensor(list(base_classes), dtype=y.dtype))
-    base = float(correct[is_base].mean()) if bool(is_base.any()) else None
-    novel = float(correct[~is_base].mean()) if bool((~is_base).any()) else None
-    hm = None
-    if base is not None and novel is not None:
-        hm = 0.0 if base + novel == 0 else 2 * base * novel / (base + novel)
-    return {"acc": float(correct.mean()), "base_acc": base, "novel_acc": novel, "hm": hm}
 
 
 def _span(classes: Sequence[int]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -44,8 +44,10 @@ log = logging.getLogger(__name__)
 
 class NcdOptions(Config):
     """The one-shot novel-class protocol: ``budgets`` (fractions), ``rules``, shot ``draws`` per novel class,
-    ``shots`` per novel prototype."""
+    ``shots`` per novel prototype, ``count``: which calibration samples the budget counts (``correct``: those the
+    base prototypes get right, an estimate of FOR itself; ``all``: every flagged one, a conservative bound)."""
 
+    count: Literal["correct", "all"] = "correct"
     budgets: list[float] = Field(default_factory=lambda: [0.02, 0.05], min_length=1)
     rules: list[str] = Field(default_factory=lambda: ["base-gate", "novel-ball", "margin", "base-gate-or-vanilla"])
     draws: int = Field(default=5, ge=1)
@@ -205,18 +207,28 @@ def _run_ncd(opts: IncrementalStepConfig, base: list[int], train: tuple[torch.Te
              test: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor] | None,
              ctx: StepContext) -> dict[str, Any]:
     from edgetune.incremental.ncd import ncd_protocol
+    from edgetune.incremental.prototypes import class_sums, prototypes_from_sums
 
+    assert opts.ncd is not None
     if val is None:
         raise ConfigError("incremental.ncd calibrates its thresholds on held-out base training data: set "
                           "data.val_fraction (e.g. 0.07)")
-    result = ncd_protocol_on(ncd_protocol, opts.ncd, base, train, test, val, opts.normalize_first, ctx.cfg.seed)
+    # the protocol wants base classes as rows 0..Cb-1 and novel classes under other ids
+    top = int(max(train[1].max(), test[1].max())) + 1
+    lut = torch.full((top,), -1, dtype=torch.int64)
+    lut[torch.tensor(base)] = torch.arange(len(base))
+    novel = [c for c in range(top) if c not in set(base)]
+    lut[torch.tensor(novel, dtype=torch.int64)] = torch.arange(len(base), len(base) + len(novel))
+    (ztr, ytr), (zte, yte), (zv, yv) = [(z, lut[y]) for z, y in (train, test, val)]
+    in_base_tr, in_base_te = ytr < len(base), yte < len(base)
+    protos = prototypes_from_sums(*class_sums(ztr[in_base_tr], ytr[in_base_tr], list(range(len(base))),
+                                              normalize_first=opts.normalize_first)).float()
+    n = opts.ncd
+    result = ncd_protocol(protos, zv, yv, zte[in_base_te], yte[in_base_te], ztr[~in_base_tr], ytr[~in_base_tr],
+                          zte[~in_base_te], yte[~in_base_te], budgets=n.budgets, rules=n.rules, draws=n.draws,
+                          shots=n.shots, seed=ctx.cfg.seed, gate_options={"count": n.count})
     if ctx.run_dir is not None:
         atomic_write_json(ctx.run_dir / "ncd.json", result)
-    return {f"ncd_{k}": v for k, v in result.get("summary", {}).items()}
-
-
-def ncd_protocol_on(fn: Any, ncd: NcdOptions, base: list[int], train: tuple[torch.Tensor, torch.Tensor],
-                    test: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                    normalize_first: bool, seed: int) -> dict[str, Any]:
-    """Placeholder wiring, replaced when the NCD protocol lands."""
-    raise NotImplementedError
+    log.info("NCD (one novel class, %d-shot, %d classes x %d draws): vanilla FOR %.4f NCR %.4f", n.shots,
+             len(novel), n.draws, result["summary"]["vanilla_for"], result["summary"]["vanilla_ncr"])
+    return {f"ncd_{k}": v for k, v in result["summary"].items()}

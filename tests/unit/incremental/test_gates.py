@@ -94,7 +94,7 @@ def test_hand_case() -> None:
 def test_base_gate_meets_the_budget_on_its_calibration_set(rule: str, budget: float) -> None:
     z, y, _ = _sphere(60, 20, 32, 0.25, seed=0)
     protos = F.normalize(torch.stack([z[y == c].mean(0) for c in range(20)]), dim=1)
-    gate = make_gate(rule, budget)
+    gate = make_gate(rule, budget, count="all")
     tau = gate.calibrate(z, y, protos, budget)
     s_b = (z @ protos.T).max(dim=1).values
     flagged = float((s_b < tau).double().mean())
@@ -155,7 +155,7 @@ def test_simulated_calibration_matches_a_loop(rule: str, caplog: pytest.LogCaptu
     protos = F.normalize(torch.stack([z[y == c].mean(0) for c in range(4)]), dim=1)
     budget = 0.1
     with caplog.at_level(logging.WARNING):
-        t = make_gate(rule, budget).calibrate(z, y, protos, budget)
+        t = make_gate(rule, budget, count="all").calibrate(z, y, protos, budget)
     assert _simulated_forgetting(rule, z, y, protos, t) <= budget + 1e-9
     # the loosest such threshold: one step further captures more than the budget
     step = 1e-9 if rule == "margin" else -1e-9
