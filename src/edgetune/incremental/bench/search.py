@@ -153,7 +153,8 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
 
 def table(csv_path: Path) -> str:
     """Markdown of the last run in the CSV: one line per (setting, method)."""
-    rows = list(csv.DictReader(csv_path.open()))
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         return ""
     last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
