@@ -197,16 +197,16 @@ def _settings(option: Any, quick: bool) -> list[tuple[int, int]]:
                 options={"settings": "comma-separated STRIDE@SIZE MobileNetV2 grids (default 16@224,32@224,16@448,"
                                      "32@448; quick: 16@224)",
                          "personal": "personal objects of the episode (default 10; quick 5)",
-                         "queries_per_object": "query scenes per personal object (default 4; quick 2)",
-                         "negatives": "query scenes without a personal object (default 10; quick 4)",
+                         "queries_per_object": "query scenes per personal object (default 5; quick 2)",
+                         "negatives": "query scenes without a personal object (default 20; quick 4)",
                          "repeats": "timed repeats of the one-query latency (default 10; quick 3)",
                          "plot_dir": "folder of incremental-search.png (default bench/results; quick: scratch)"},
                 table=table)
 def search_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     q = ctx.quick
     cfg = ScenesConfig(personal=int(ctx.option("personal", 5 if q else 10)),
-                       queries_per_object=int(ctx.option("queries_per_object", 2 if q else 4)),
-                       negatives=int(ctx.option("negatives", 4 if q else 10)), seed=ctx.seed)
+                       queries_per_object=int(ctx.option("queries_per_object", 2 if q else 5)),
+                       negatives=int(ctx.option("negatives", 4 if q else 20)), seed=ctx.seed)
     repeats = int(ctx.option("repeats", 3 if q else 10))
     t0 = time.perf_counter()
     ep = search_episode(cfg)
