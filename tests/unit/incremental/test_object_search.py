@@ -29,7 +29,12 @@ from edgetune.incremental.object_search import (
     search_metrics,
     self_calibrated_threshold,
 )
-from edgetune.incremental.patch_features import mobilenet_v2_patches, prepare_images, vit_patches
+from edgetune.incremental.patch_features import (
+    hf_vit_patches,
+    mobilenet_v2_patches,
+    prepare_images,
+    vit_patches,
+)
 from edgetune.incremental.patch_kmeans import box_foreground, box_ring, kmeans
 from edgetune.models.pretrained import MobileNetV2
 from edgetune.models.vit import ViT
@@ -327,6 +332,35 @@ def test_vit_patch_tokens_as_a_grid() -> None:
     torch.testing.assert_close(grid[:, :, 2, 3], h[:, 1 + 2 * 4 + 3])
     with pytest.raises(ConfigError, match="position"):
         vit_patches(vit, 48)
+
+
+class _FakeHFViT(torch.nn.Module):
+    """A Hugging Face-like ViT: ``config.patch_size``, two register tokens, ``last_hidden_state`` output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(patch_size=8, num_register_tokens=2)
+        self.embed = torch.nn.Conv2d(3, 5, 8, 8)
+
+    def forward(self, pixel_values: torch.Tensor) -> object:
+        from types import SimpleNamespace
+
+        t = self.embed(pixel_values).flatten(2).transpose(1, 2)  # (B, N, 5)
+        prefix = torch.full((t.shape[0], 3, 5), 99.0)  # class + 2 register tokens
+        return SimpleNamespace(last_hidden_state=torch.cat([prefix, t], 1))
+
+
+def test_hf_vit_patches_drop_class_and_register_tokens() -> None:
+    torch.manual_seed(0)
+    model = _FakeHFViT()
+    ext = hf_vit_patches(model, image_size=32)
+    assert ext.prefix == 3 and ext.grid == (4, 4)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.embed(prepare_images(x, 32))
+    torch.testing.assert_close(ext(x), want)
 
 
 # ----------------------------------------------------------------------------------------- end to end
