@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -212,9 +212,12 @@ def search_metrics(logits: Tensor, labels: Tensor, mask_ious: Tensor | None = No
 # --------------------------------------------------------------------------------------------- the searcher
 class SearchConfig(Config):
     """kmeans_k: clusters of a box support's patches; percentile: p of the self-calibrated threshold;
-    mask_threshold: binarization of an area-resized support mask; kmeans_iters/seed: the k-means run."""
+    mask_threshold: binarization of an area-resized support mask; kmeans_iters/seed: the k-means run;
+    box_split: "kmeans" (Swiss DINO's foreground/background split of a box support) or "none" (every patch the
+    box touches is foreground: the ablation that shows what the split buys)."""
 
     kmeans_k: int = Field(default=5, ge=1)
+    box_split: Literal["kmeans", "none"] = "kmeans"
     percentile: float = Field(default=5.0, gt=0.0, lt=50.0)
     mask_threshold: float = Field(default=0.1, gt=0.0, lt=1.0)
     kmeans_iters: int = Field(default=50, ge=1)
@@ -301,8 +304,12 @@ class PersonalObjectSearch:
                 area = F.adaptive_avg_pool2d(m.float()[None, None], grid)[0, 0]
                 fg = area == area.max()
         else:
-            gbox = box_to_grid(box, image_size, grid)  # type: ignore[arg-type]
-            fg = box_foreground(feats, gbox, cfg.kmeans_k, seed=cfg.seed, iters=cfg.kmeans_iters)
+            r0, r1, c0, c1 = gbox = box_to_grid(box, image_size, grid)  # type: ignore[arg-type]
+            if cfg.box_split == "kmeans":
+                fg = box_foreground(feats, gbox, cfg.kmeans_k, seed=cfg.seed, iters=cfg.kmeans_iters)
+            else:
+                fg = torch.zeros(grid, dtype=torch.bool)
+                fg[r0:r1, c0:c1] = True
         proto = prototype(feats, fg)
         tau = self_calibrated_threshold(patch_cosine(feats, proto), fg, cfg.percentile)
         self.supports[name] = Support(name, proto, tau, fg)

@@ -470,3 +470,13 @@ def test_features_are_unit_invariant() -> None:
     b, sb = localize(3.0 * f * torch.rand(1, 5, 5, generator=g).add(0.5), proto, 0.2)
     assert torch.equal(a, b) and math.isclose(sa, sb, rel_tol=1e-6)
     assert F.normalize(proto, dim=0).norm().item() == pytest.approx(1.0)
+
+
+def test_box_split_none_takes_every_patch_the_box_touches(vit_extractor: torch.nn.Module) -> None:
+    img, _ = _scene(1, 16, 24, seed=3)
+    whole = PersonalObjectSearch(vit_extractor, box_split="none").add("x", img, box=(20, 12, 60, 52))
+    want = torch.zeros(12, 12, dtype=torch.bool)
+    want[1:7, 2:8] = True  # rows 12/8 .. 52/8 -> 1..7, cols 20/8 .. 60/8 -> 2..8
+    assert torch.equal(whole.mask, want)
+    split = PersonalObjectSearch(vit_extractor, kmeans_k=3).add("x", img, box=(20, 12, 60, 52))
+    assert not (split.mask & ~want).any()  # the k-means split stays inside the box

@@ -1,8 +1,8 @@
 """Bench suite ``incremental-search``: training-free one-shot personal object search (Swiss DINO style) on frozen
 ImageNet MobileNetV2 patch grids, on cluttered scenes composed from real photos (:mod:`edgetune.data.scenes`).
 
-Per setting (MobileNetV2 output stride 16 or 32, input 224 or 448 px): the search with mask supports and with box
-supports (k-means split), and a naive baseline measured in the same run on the same features: identification
+Per setting (MobileNetV2 output stride 16 or 32, input 224 or 448 px): the search with mask supports, with box
+supports (k-means split), with box supports taken whole (no split: the ablation), and a naive baseline measured in the same run on the same features: identification
 by the cosine of the global-average-pooled query grid to the support image's pooled grid, localisation by the
 support's box pasted at the centre of the query. Each row: class-averaged patch mIoU, box mIoU, AP and accuracy
 over one episode (``personal`` objects, their queries and negative queries), and the latency of one query image
@@ -66,10 +66,11 @@ def _gt_grid(mask: np.ndarray, grid: tuple[int, int]) -> Tensor:
 
 
 def episode_rows(ep: SearchEpisode, extractor: nn.Module, sup: Tensor, qry: Tensor, support: str,
-                 device: torch.device, repeats: int) -> dict[str, Any]:
+                 device: torch.device, repeats: int, box_split: str = "kmeans") -> dict[str, Any]:
     """Metrics of the search with ``support`` ("mask" or "box") annotations on precomputed grids ``sup (S, D, h, w)``
-    and ``qry (Q, D, h, w)``, and the latency of one query (extraction + search)."""
-    search = PersonalObjectSearch(extractor)
+    and ``qry (Q, D, h, w)``, and the latency of one query (extraction + search). ``box_split``: see
+    :class:`~edgetune.incremental.object_search.SearchConfig`."""
+    search = PersonalObjectSearch(extractor, box_split=box_split)
     t0 = time.perf_counter()
     for name, scene, g in zip(ep.names, ep.supports, sup, strict=True):
         obj = scene.object(name)
@@ -226,9 +227,10 @@ def search_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         setting = f"s{stride}@{size} ({size // stride}x{size // stride}, D={sup.shape[1]})"
         base = {**common, "setting": setting, "stride": stride, "image_size": size, "grid": size // stride,
                 "feature_dim": int(sup.shape[1]), "features_s": feat_s}
-        for support in ("mask", "box"):
-            row = {**base, "method": f"swiss-dino ({support} support)", "support": support,
-                   **episode_rows(ep, ext, sup, qry, support, ctx.device, repeats)}
+        for support, split, label in (("mask", "kmeans", "mask support"), ("box", "kmeans", "box support"),
+                                      ("box", "none", "box support, no split")):
+            row = {**base, "method": f"swiss-dino ({label})", "support": support, "box_split": split,
+                   **episode_rows(ep, ext, sup, qry, support, ctx.device, repeats, split)}
             rows.append(row)
             yield row
         row = {**base, "method": "baseline (global pool, centre box)", "support": "box",
