@@ -10,12 +10,28 @@ from __future__ import annotations
 
 from edgetune.incremental.etf import etf_geometry_error, ideal_etf_gram, max_coherence, near_etf, simplex_etf
 from edgetune.incremental.features import Backbone
+from edgetune.incremental.gates import GATES, NoveltyGateConfig, make_gate, unknown_mask
 from edgetune.incremental.heads import CosineHead, ETFHead, cosine_logits
 from edgetune.incremental.learner import IncrementalLearner, LearnerConfig
+from edgetune.incremental.metrics import (
+    forgetting,
+    ncr_at_for,
+    novel_class_recall,
+    operating_curve,
+    performance_drop,
+    session_accuracy,
+)
+from edgetune.incremental.ncd import ncd_protocol
+from edgetune.incremental.object_search import PersonalObjectSearch, SearchConfig, SearchHit, search_metrics
+from edgetune.incremental.patch_features import hf_vit_patches, mobilenet_v2_patches, vit_patches
 from edgetune.incremental.pooling import check_orders, moment_pool
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums, teen_calibrate
 from edgetune.incremental.sessions import run_sessions, summarize_sessions
 
-__all__ = ["Backbone", "CosineHead", "ETFHead", "IncrementalLearner", "LearnerConfig", "check_orders", "class_sums",
-           "cosine_logits", "cosine_scores", "etf_geometry_error", "ideal_etf_gram", "max_coherence", "moment_pool",
-           "near_etf", "prototypes_from_sums", "run_sessions", "simplex_etf", "summarize_sessions", "teen_calibrate"]
+__all__ = ["GATES", "Backbone", "CosineHead", "ETFHead", "IncrementalLearner", "LearnerConfig", "NoveltyGateConfig",
+           "PersonalObjectSearch", "SearchConfig", "SearchHit", "check_orders", "class_sums", "cosine_logits",
+           "cosine_scores", "etf_geometry_error", "forgetting", "hf_vit_patches", "ideal_etf_gram", "make_gate",
+           "max_coherence", "mobilenet_v2_patches", "moment_pool", "ncd_protocol", "ncr_at_for", "near_etf",
+           "novel_class_recall", "operating_curve", "performance_drop", "prototypes_from_sums", "run_sessions",
+           "search_metrics", "session_accuracy", "simplex_etf", "summarize_sessions", "teen_calibrate",
+           "unknown_mask", "vit_patches"]
