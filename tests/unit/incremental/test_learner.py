@@ -172,3 +172,27 @@ def test_digits_six_plus_four_protocol() -> None:
     accs = [r["acc"] for r in recs]
     assert accs[0] >= 0.95 and accs[-1] >= 0.80, accs
     assert recs[-1]["classes"] == 10 and recs[-1]["novel_acc"] > 0.4
+
+
+def test_gated_learner_calibrates_on_val_and_predicts_with_the_gate() -> None:
+    from edgetune.incremental.gates import make_gate
+
+    z, y, _ = _clusters(10, 80, spread=0.6, seed=3)
+    base = y < 7
+    val = (z[base][1::2], y[base][1::2])
+    learner = IncrementalLearner(gate="base-gate-or-vanilla", budget=0.05)
+    learner.fit_base_features(z[base][::2], y[base][::2], val)
+    gate = make_gate("base-gate-or-vanilla", 0.05)
+    want = gate.calibrate(F.normalize(val[0], dim=1), val[1], learner.prototypes().float(), 0.05)
+    assert learner.threshold == pytest.approx(want)
+    for c in (7, 8, 9):
+        learner.add_classes_features(z[y == c][:1], y[y == c][:1])
+    s = learner.scores_features(z)
+    is_base = torch.tensor([c < 7 for c in learner.classes])
+    torch.testing.assert_close(learner.predict_features(z), gate.predict(s, is_base, learner.threshold))
+    with pytest.raises(ConfigError, match="held-out base data"):
+        IncrementalLearner(gate="base-gate", budget=0.05).fit_base_features(z[base], y[base])
+    with pytest.raises(ConfigError, match=r"classes \[8\] that are not base classes \(0-6\)"):
+        IncrementalLearner(gate="base-gate", budget=0.05).fit_base_features(z[base], y[base], (z[y == 8], y[y == 8]))
+    with pytest.raises(ConfigError, match="needs a forgetting budget"):
+        IncrementalLearner(gate="base-gate")
