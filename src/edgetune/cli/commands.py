@@ -91,7 +91,7 @@ def _ls(args: argparse.Namespace) -> int:
              "steps": ["stage step"]}
     registries = Registry.all()
     if what == "methods":
-        names = [k for k in registries if k.endswith("method") or k == "recipe section"]
+        names = [k for k in registries if k.endswith("method") or k in ("recipe section", "novelty gate")]
     else:
         names = kinds[what]
     for kind in names:
