@@ -49,8 +49,8 @@ from edgetune.incremental.features import Backbone
 from edgetune.incremental.heads import ETFHead
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums
 
-__all__ = ["HEADS", "SOURCES", "collapse_stats", "effective_rank", "episode_accuracy", "mean_ci95",
-           "ncm_accuracy"]
+__all__ = ["HEADS", "SOURCES", "collapse_stats", "effective_rank", "episode_accuracy", "last_run",
+           "mean_ci95", "ncm_accuracy", "plot_transfer"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ QUICK: dict[str, dict[str, Any]] = {
                  "targets": {"synglyph-novel": "novel",
                              "fashion-mnist": {"name": "fashion-mnist", "limit_train": 600, "limit_test": 400},
                              "digits": {"name": "digits"}}},
-    "fashion-mnist": {"data": {"limit_train": 3000, "limit_test": 1000}, "train": {"epochs": 1},
+    "fashion-mnist": {"data": {"limit_train": 3000, "limit_test": 1000}, "train": {"epochs": 3},
                       "targets": {"fashion-mnist-novel": "novel",
                                   "synglyph": {"name": "synglyph", "options": {"train_per_class": 10,
                                                                                 "test_per_class": 20}},
@@ -301,15 +301,21 @@ def _split_option(ctx: BenchContext, name: str, default: Sequence[str], allowed:
 
 
 # --------------------------------------------------------------------------------------------- table, plot
-def _last_run(csv_path: Path) -> list[dict[str, str]]:
+def last_run(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of the latest run of each source in the CSV (runs of the last row's ``quick`` kind), so sources
+    measured by separate runs (``sources=synglyph``, then ``sources=fashion-mnist``) are read together."""
     import csv
 
     with csv_path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         return []
-    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
-    return [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
+    quick = rows[-1]["quick"]
+    latest: dict[str, str] = {}
+    for r in rows:
+        if r["quick"] == quick:
+            latest[r["source"]] = r["timestamp_utc"]
+    return [r for r in rows if r["quick"] == quick and latest[r["source"]] == r["timestamp_utc"]]
 
 
 def _pm(vals: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -323,12 +329,13 @@ def _pm(vals: list[float], scale: float = 100.0, digits: int = 1) -> str:
 def table(csv_path: Path) -> str:
     """Markdown of the last run in the CSV: transfer accuracy per (source, target, protocol) and head, mean ± std
     over backbone seeds, with ETF − cosine paired by seed; then the collapse diagnostics per (source, head)."""
-    run = _last_run(csv_path)
+    run = last_run(csv_path)
     if not run:
         return ""
     heads = [h for h in HEADS if any(r["head"] == h for r in run)]
     r0 = run[0]
-    lines = [(f"Run {r0['timestamp_utc']} ({r0['hardware']}, {r0['device']}, torch {r0['torch']}, git "
+    stamps = ", ".join(sorted({r["timestamp_utc"] for r in run}))
+    lines = [(f"Run {stamps} ({r0['hardware']}, {r0['device']}, torch {r0['torch']}, git "
              f"{r0['git_sha'][:10]}, quick={r0['quick']}); backbone seeds "
              f"{sorted({int(r['backbone_seed']) for r in run})}. Accuracy in %, mean ± std over seeds; episodes: "
              "N-way K-shot, 15 queries, the same episodes for every head; ncm-K: all target classes, K shots each."),
@@ -375,14 +382,15 @@ def plot_transfer(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
     for ax, (src, tgt, dom) in zip(axes.flat, panels, strict=False):
         sel = [r for r in tr if (r["source"], r["target"]) == (src, tgt)]
         protos = list(dict.fromkeys(r["protocol"] for r in sel))
-        width = 0.8 / len(heads)
-        for i, head in enumerate(heads):
+        here = [h for h in heads if any(r["head"] == h for r in sel)]
+        width = 0.8 / len(here)
+        for i, head in enumerate(here):
             means, errs = [], []
             for p in protos:
                 v = [float(r["acc"]) for r in sel if r["head"] == head and r["protocol"] == p]
                 means.append(statistics.fmean(v))
                 errs.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-            ax.bar([j + (i - (len(heads) - 1) / 2) * width for j in range(len(protos))], means, width, yerr=errs,
+            ax.bar([j + (i - (len(here) - 1) / 2) * width for j in range(len(protos))], means, width, yerr=errs,
                    label=head, capsize=2)
         ax.set_xticks(range(len(protos)), protos, fontsize=8)
         ax.set_title(f"{src} -> {tgt} ({dom} domain)", fontsize=9)
