@@ -96,7 +96,7 @@ def test_cls_found_by_id_with_left_padding() -> None:
 
 def test_gradient_is_finite_where_a_channel_is_constant() -> None:
     hidden = torch.randn(2, 5, 4)
-    hidden[:, :, 1] = 0.3  # constant channel: sigma = 0 (MiniLM's last LayerNorm gives such channels)
+    hidden[:, :, 1] = 0.3  # constant channel: sigma = 0, as on three of MiniLM's output channels
     hidden.requires_grad_(True)
     out = hop_features(hidden, torch.ones(2, 5, dtype=torch.bool), "moments", (1, 2))
     out.square().sum().backward()
