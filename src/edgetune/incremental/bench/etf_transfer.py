@@ -55,18 +55,22 @@ __all__ = ["HEADS", "SOURCES", "collapse_stats", "effective_rank", "episode_accu
 log = logging.getLogger(__name__)
 
 HEADS = ("cosine", "etf", "etf-all", "linear")
-_TRAIN = {"batch_size": 128, "optimizer": {"name": "adam", "lr": 2e-3, "weight_decay": 5e-4}}
+_TRAIN = {"batch_size": 64, "optimizer": {"name": "adam", "lr": 3e-3, "weight_decay": 5e-4}}
 #: source -> data, base classes, model, training and targets (name -> data; ``novel``: the source's other classes)
 SOURCES: dict[str, dict[str, Any]] = {
-    "synglyph": {"data": {"name": "synglyph", "val_fraction": 0.0667}, "base": 60, "model": ("convnet", {}),
-                 "train": {"epochs": 15, **_TRAIN},
+    "synglyph": {"data": {"name": "synglyph", "val_fraction": 0.0667,
+                          "options": {"train_per_class": 60, "test_per_class": 50}},
+                 "base": 60, "model": ("convnet", {"widths": [16, 32, 128]}),
+                 "train": {"epochs": 5, **_TRAIN},
                  "targets": {"synglyph-novel": "novel",
-                             "fashion-mnist": {"name": "fashion-mnist", "limit_train": 10000},
+                             "fashion-mnist": {"name": "fashion-mnist", "limit_train": 2000, "limit_test": 2000},
                              "digits": {"name": "digits"}}},
-    "fashion-mnist": {"data": {"name": "fashion-mnist", "val_fraction": 0.05}, "base": 6,
-                      "model": ("convnet", {}), "train": {"epochs": 10, **_TRAIN},
+    "fashion-mnist": {"data": {"name": "fashion-mnist", "val_fraction": 0.05, "limit_train": 6000,
+                               "limit_test": 2000},
+                      "base": 6, "model": ("convnet", {"widths": [16, 32, 128]}), "train": {"epochs": 4, **_TRAIN},
                       "targets": {"fashion-mnist-novel": "novel",
-                                  "synglyph": {"name": "synglyph", "limit_train": 10000},
+                                  "synglyph": {"name": "synglyph", "options": {"train_per_class": 20,
+                                                                                "test_per_class": 20}},
                                   "digits": {"name": "digits"}}},
 }
 QUICK: dict[str, dict[str, Any]] = {
@@ -268,7 +272,7 @@ def _collapse_row(net: nn.Module, bundle: Any, device: torch.device) -> dict[str
     return row
 
 
-def _source_rows(name: str, src: dict[str, Any], heads: Sequence[str], seeds: int, episodes: int, draws: int,
+def _source_rows(name: str, src: dict[str, Any], heads: Sequence[str], seeds: range, episodes: int, draws: int,
                  resize: str, ctx: BenchContext) -> Iterable[dict[str, Any]]:
     targets = _load_targets(src, resize)
     for t in targets.values():
@@ -277,7 +281,7 @@ def _source_rows(name: str, src: dict[str, Any], heads: Sequence[str], seeds: in
     total = next(t["bundle"].num_classes for t in targets.values() if t["domain"] == "in")
     data = DataConfig(**src["data"], classes=list(range(src["base"])), seed=0)
     model, opts = src["model"]
-    for seed in range(seeds):
+    for seed in seeds:
         for head in heads:
             net, bundle, summary = fit_backbone(data, model, opts, src["train"], head=head.split("-")[0],
                                                 total_classes=total if head == "etf-all" else None, seed=seed,
@@ -302,8 +306,8 @@ def _split_option(ctx: BenchContext, name: str, default: Sequence[str], allowed:
 
 # --------------------------------------------------------------------------------------------- table, plot
 def last_run(csv_path: Path) -> list[dict[str, str]]:
-    """The rows of the latest run of each source in the CSV (runs of the last row's ``quick`` kind), so sources
-    measured by separate runs (``sources=synglyph``, then ``sources=fashion-mnist``) are read together."""
+    """The rows of the latest run of each (source, backbone seed) in the CSV (runs of the last row's ``quick``
+    kind), so sources and seeds measured by separate runs (``sources=...``, ``first_seed=...``) are read together."""
     import csv
 
     with csv_path.open(newline="", encoding="utf-8") as f:
@@ -311,11 +315,11 @@ def last_run(csv_path: Path) -> list[dict[str, str]]:
     if not rows:
         return []
     quick = rows[-1]["quick"]
-    latest: dict[str, str] = {}
+    latest: dict[tuple[str, str], str] = {}
     for r in rows:
         if r["quick"] == quick:
-            latest[r["source"]] = r["timestamp_utc"]
-    return [r for r in rows if r["quick"] == quick and latest[r["source"]] == r["timestamp_utc"]]
+            latest[(r["source"], r["backbone_seed"])] = r["timestamp_utc"]
+    return [r for r in rows if r["quick"] == quick and latest[(r["source"], r["backbone_seed"])] == r["timestamp_utc"]]
 
 
 def _pm(vals: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -409,9 +413,10 @@ def plot_transfer(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
                 options={"sources": "comma-separated subset of synglyph,fashion-mnist (default both; quick: synglyph)",
                          "heads": "comma-separated subset of cosine,etf,etf-all,linear (default all)",
                          "seeds": "number of backbone seeds (default 3; 1 when quick)",
+                         "first_seed": "first backbone seed (default 0): add seeds to a CSV by separate runs",
                          "episodes": "episodes per N-way K-shot protocol (default 600; 40 when quick)",
                          "draws": "shot draws of the all-class ncm-1 / ncm-5 protocols (default 10; 2 when quick)",
-                         "epochs": "training epochs of every source backbone (default: the source's, 15 / 10)",
+                         "epochs": "training epochs of every source backbone (default: the source's, 5 / 4)",
                          "resize": "source (default: target images resized to the source's size) or native",
                          "plot_dir": "where the plot goes (default bench/results; quick: the scratch folder)"},
                 table=table)
@@ -421,7 +426,8 @@ def incremental_etf_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     resize = str(ctx.option("resize", "source"))
     if resize not in ("source", "native"):
         raise ConfigError(f"incremental-etf: resize={resize!r}; use source or native")
-    seeds = int(ctx.option("seeds", 1 if ctx.quick else 3))
+    first = int(ctx.option("first_seed", 0))
+    seeds = range(first, first + int(ctx.option("seeds", 1 if ctx.quick else 3)))
     episodes = int(ctx.option("episodes", 40 if ctx.quick else 600))
     draws = int(ctx.option("draws", 2 if ctx.quick else 10))
     rows: list[dict[str, Any]] = []
@@ -436,4 +442,4 @@ def incremental_etf_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
             yield row
     plot_dir = Path(ctx.option("plot_dir", ctx.out_dir if ctx.quick else DEFAULT_RESULTS_DIR))
     plot_transfer(rows, plot_dir / "incremental-etf.png",
-                  f"frozen backbones, cosine NCM on other classes / data sets ({seeds} seed(s), resize={resize})")
+                  f"frozen backbones, cosine NCM on other classes / data sets (seeds {list(seeds)}, resize={resize})")
