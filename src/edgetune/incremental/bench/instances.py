@@ -160,23 +160,26 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
     one panel per backbone."""
     plt = pyplot()
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
-    fig, axes = plt.subplots(1, len(backbones), figsize=(6.5 * len(backbones), 4.2), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(backbones), figsize=(5 * len(backbones) + 3.2, 4.2), squeeze=False)
     for ax, bb in zip(axes[0], backbones, strict=True):
         run = [r for r in rows if r["backbone"] == bb]
+        pts = sorted({int(r["per_object"]) for r in run})
         for key in dict.fromkeys((r["method"], r["object_source"]) for r in run):
-            pts = sorted({int(r["per_object"]) for r in run})
             vals = [statistics.fmean(float(r["accuracy"]) for r in run if (r["method"], r["object_source"]) == key
                                      and int(r["per_object"]) == p) for p in pts]
-            style = "--" if key[1] == "predicted" else "-"
-            ax.plot(pts, [100 * v for v in vals], style, marker="o", ms=4,
-                    label=key[0] + (f" [{key[1]} object]" if key[1] != "-" else ""))
+            ax.plot(pts, [100 * v for v in vals], "--" if key[1] == "predicted" else "-", color=colours[key[0]],
+                    marker="o", ms=4, label=key[0] + (f" [{key[1]} object]" if key[1] != "-" else ""))
+        ax.set_xticks(pts)
         ax.set_xlabel("personal instances per object class")
         ax.set_ylabel("instance accuracy (%)")
         ax.set_title(bb, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="lower left")
-    fig.suptitle(title or "few-shot personal instance recognition (1SAS)")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.suptitle(title or "few-shot personal instance recognition (1SAS)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 3.2 / (5 * len(backbones) + 3.2), 1))
     return save_figure(fig, path, dpi=110)
 
 
@@ -275,5 +278,5 @@ def instances_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
                     yield row
     plot_dir = Path(ctx.option("plot_dir", ctx.out_dir if q else DEFAULT_RESULTS_DIR))
     write_plot(rows, plot_dir / "incremental-instances.png",
-               f"personal instance recognition, 1SAS, seeds {ctx.seed}..{ctx.seed + seeds - 1} (solid: oracle object "
-               "class; dashed: predicted)")
+               f"personal instance recognition (1SAS), mean of seeds {ctx.seed}..{ctx.seed + seeds - 1}; "
+               "solid: oracle object class, dashed: predicted")
