@@ -35,6 +35,7 @@ __all__ = [
     "BenchContext",
     "SuiteFn",
     "append_rows_csv",
+    "last_run_rows",
     "register_suite",
     "run_suite",
 ]
@@ -160,6 +161,17 @@ def append_rows_csv(path: str | os.PathLike[str], rows: list[Mapping[str, Any]])
     log.info("%s: adding columns %s; rewriting %d old rows with the union of columns", path, extra,
              len(old_rows))
     atomic_write_bytes(path, _encode(header, [*old_rows, *rows], with_header=True))
+
+
+def last_run_rows(csv_path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of the newest run in a results CSV (same ``timestamp_utc`` and ``quick`` as its last row), as
+    strings; [] for an empty file. For the suites' Markdown tables."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
+    return [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
 
 
 def _collect(name: str, fn: SuiteFn, stamp: dict[str, Any], dev: torch.device, quick: bool, seed: int,

@@ -12,6 +12,7 @@ from edgetune.incremental.etf import etf_geometry_error, ideal_etf_gram, max_coh
 from edgetune.incremental.features import Backbone
 from edgetune.incremental.gates import GATES, NoveltyGateConfig, make_gate, unknown_mask
 from edgetune.incremental.heads import CosineHead, ETFHead, cosine_logits
+from edgetune.incremental.hop import HopConfig, HopModel, content_mask, hop_features, select_problem
 from edgetune.incremental.learner import IncrementalLearner, LearnerConfig
 from edgetune.incremental.metrics import (
     forgetting,
@@ -27,11 +28,60 @@ from edgetune.incremental.patch_features import hf_vit_patches, mobilenet_v2_pat
 from edgetune.incremental.pooling import check_orders, moment_pool
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums, teen_calibrate
 from edgetune.incremental.sessions import run_sessions, summarize_sessions
+from edgetune.incremental.text_sequences import (
+    SEQUENCES,
+    Problem,
+    SequenceConfig,
+    TextSequence,
+    build_sequence,
+)
 
-__all__ = ["GATES", "Backbone", "CosineHead", "ETFHead", "IncrementalLearner", "LearnerConfig", "NoveltyGateConfig",
-           "PersonalObjectSearch", "SearchConfig", "SearchHit", "check_orders", "class_sums", "cosine_logits",
-           "cosine_scores", "etf_geometry_error", "forgetting", "hf_vit_patches", "ideal_etf_gram", "make_gate",
-           "max_coherence", "mobilenet_v2_patches", "moment_pool", "ncd_protocol", "ncr_at_for", "near_etf",
-           "novel_class_recall", "operating_curve", "performance_drop", "prototypes_from_sums", "run_sessions",
-           "search_metrics", "session_accuracy", "simplex_etf", "summarize_sessions", "teen_calibrate",
-           "unknown_mask", "vit_patches"]
+__all__ = [
+    "GATES",
+    "SEQUENCES",
+    "Backbone",
+    "CosineHead",
+    "ETFHead",
+    "HopConfig",
+    "HopModel",
+    "IncrementalLearner",
+    "LearnerConfig",
+    "NoveltyGateConfig",
+    "PersonalObjectSearch",
+    "Problem",
+    "SearchConfig",
+    "SearchHit",
+    "SequenceConfig",
+    "TextSequence",
+    "build_sequence",
+    "check_orders",
+    "class_sums",
+    "content_mask",
+    "cosine_logits",
+    "cosine_scores",
+    "etf_geometry_error",
+    "forgetting",
+    "hf_vit_patches",
+    "hop_features",
+    "ideal_etf_gram",
+    "make_gate",
+    "max_coherence",
+    "mobilenet_v2_patches",
+    "moment_pool",
+    "ncd_protocol",
+    "ncr_at_for",
+    "near_etf",
+    "novel_class_recall",
+    "operating_curve",
+    "performance_drop",
+    "prototypes_from_sums",
+    "run_sessions",
+    "search_metrics",
+    "select_problem",
+    "session_accuracy",
+    "simplex_etf",
+    "summarize_sessions",
+    "teen_calibrate",
+    "unknown_mask",
+    "vit_patches",
+]

@@ -130,12 +130,6 @@ def hop_features(hidden: Tensor, mask: Tensor, pool: str, orders: Sequence[int] 
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     if pool != "moments":
         raise ConfigError(f"unknown pool {pool!r}; choose moments or cls")
-    if hidden.requires_grad and any(k >= 2 for k in orders):
-        # A channel constant over an example's tokens has sigma = 0 (MiniLM's last LayerNorm has weights of
-        # ~1e-33 on three channels, so their variance underflows to 0), where moment_pool's sqrt has an infinite
-        # derivative and backward gives 0 * inf = NaN. Such a channel's gradient is 0 (its std cannot move to
-        # first order), so the NaN is set to that.
-        hidden.register_hook(lambda g: torch.nan_to_num(g, nan=0.0))
     return moment_pool(hidden, 1, orders, mask, standardize=standardize)
 
 

@@ -71,7 +71,7 @@ def moment_pool(
         (then D = C); any layout works as long as the dimensions left after pooling are ``(B, D)``.
     mask: which positions count, broadcastable to h without its channel dimension, e.g. ``(B, L)`` for
         tokens (an attention mask with [CLS] and padding zeroed) or ``(B, H, W)`` for a region; None: all.
-    eps: floor of sigma in the standardized orders (a constant channel gives 0, not NaN).
+    eps: floor of sigma (a constant channel gives ~0 and finite gradients, not NaN).
     Computed in float32 at least (bf16 inputs lose the higher moments otherwise), returned in h's dtype.
     """
     orders = check_orders(orders)
@@ -107,7 +107,10 @@ def moment_pool(
             block = mean
         else:
             if sigma is None:
-                sigma = ((centred.square() * w).sum(dim=dims, keepdim=True) / _keep(count, dims, mask is None)).sqrt()
+                var = (centred.square() * w).sum(dim=dims, keepdim=True) / _keep(count, dims, mask is None)
+                # floored: sqrt'(0) is infinite, so a constant channel (real encoders have some) would send NaN
+                # gradients back through the mean; the floor moves sigma by at most eps
+                sigma = var.clamp_min(eps * eps).sqrt()
             if k == 2:
                 block = sigma
             else:

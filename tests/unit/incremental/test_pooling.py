@@ -59,6 +59,14 @@ def test_hand_computed_case_and_block_norm() -> None:
     torch.testing.assert_close(normed, torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
 
 
+def test_constant_channel_has_finite_gradients() -> None:
+    h = torch.randn(2, 5, 3)
+    h[:, :, 1] = 0.7  # a channel constant over the tokens (MiniLM's last LayerNorm has such channels)
+    h.requires_grad_(True)
+    moment_pool(h, 1, (1, 2, 3)).sum().backward()
+    assert torch.isfinite(h.grad).all()
+
+
 def test_bf16_input_is_pooled_in_float32() -> None:
     h = torch.randn(2, 9, 3)
     got = moment_pool(h.bfloat16(), 1, (1, 2, 3))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
 from edgetune.data import DataConfig, class_incremental_split, load_dataset
 from edgetune.data.batches import take, to_device
 from edgetune.data.splits import IncrementalSplit
@@ -183,13 +183,10 @@ def _protocol_rows(name: str, p: dict[str, Any], seed: int, draws: int, ctx: Ben
 
 def table(csv_path: Path) -> str:
     """Markdown: one row per (protocol, learner), mean +/- std over seeds of the last run in the CSV."""
-    import csv
-
-    rows = list(csv.DictReader(csv_path.open()))
-    if not rows:
+    run = last_run_rows(csv_path)
+    if not run:
         return ""
-    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
-    run = [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
+    last = (run[0]["timestamp_utc"], run[0]["quick"])
     stamp = last[0]
     groups: dict[tuple[str, str], list[dict[str, str]]] = {}
     for r in run:

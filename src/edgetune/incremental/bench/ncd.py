@@ -5,13 +5,12 @@ realised FOR and NCR per rule and budget, vanilla FOR / NCR, and the oracle NCR@
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
 from edgetune.data import DataConfig, load_dataset
 from edgetune.incremental.bench.backbones import fit_backbone
 from edgetune.incremental.bench.fscil import PROTOCOLS, QUICK, _merged
@@ -38,11 +37,10 @@ def _features(name: str, p: dict[str, Any], seed: int, ctx: BenchContext) -> dic
 
 
 def table(csv_path: Path) -> str:
-    rows = list(csv.DictReader(csv_path.open()))
-    if not rows:
+    run = last_run_rows(csv_path)
+    if not run:
         return ""
-    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
-    run = [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
+    last = (run[0]["timestamp_utc"], run[0]["quick"])
     lines = [(f"Run {last[0]} ({run[0]['hardware']}, torch {run[0]['torch']}, quick={last[1]}); one novel class at "
               f"a time from {run[0]['shots']} example(s), {run[0]['draws']} draws per class; mean +/- std over "
               f"backbone seeds {sorted({r['backbone_seed'] for r in run})}; FOR and NCR in points."), "",

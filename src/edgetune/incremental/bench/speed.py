@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetune.bench.harness import BenchContext, register_suite
+from edgetune.bench.harness import BenchContext, last_run_rows, register_suite
 from edgetune.incremental.features import Backbone
 from edgetune.incremental.learner import IncrementalLearner
 from edgetune.models import MLP, ConvNet
@@ -50,13 +50,10 @@ def _backbones() -> list[tuple[str, nn.Module, tuple[int, ...], Any]]:
 
 
 def table(csv_path: Path) -> str:
-    import csv
-
-    rows = list(csv.DictReader(csv_path.open()))
-    if not rows:
+    run = last_run_rows(csv_path)
+    if not run:
         return ""
-    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
-    run = [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
+    last = (run[0]["timestamp_utc"], run[0]["quick"])
     lines = [(f"Run {last[0]} ({run[0]['hardware']}, torch {run[0]['torch']}, {run[0]['torch_threads']} threads, "
               f"quick={last[1]}); {run[0]['known_classes']} known classes, {run[0]['shots']}-shot new class, median "
               f"of {run[0]['repeats']} repeats."), "",
