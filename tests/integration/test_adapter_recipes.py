@@ -26,14 +26,14 @@ def _summary(run_dir: Path, stage: str) -> dict:
 def test_default_run_adds_lora_on_the_sparse_twin_and_a_soup(tmp_path):
     cfg = load_recipe("foundation/default", [*TINY, f"output_dir={tmp_path}"])
     res = run(cfg, tmp_path / "run", command="test")
-    assert res.summary["order"] == ["dense", "chts-1pct", "chts-lora", "dense-a", "dense-b", "soup"]
+    assert res.summary["order"] == ["dense", "chts-1pct", "chts-lora", "dense-a", "dense-b", "soup", "personalize"]
     s = _summary(tmp_path / "run", "chts-lora")
     twin = _summary(tmp_path / "run", "chts-1pct")
     assert s["steps"] > 0 and s["model_source"] == "stage chts-1pct"
     # only the adapter and the head train: far fewer than the twin's trainable parameters plus the adapter's
     in_f = 64 if "digits" in s["dataset"] else 784
     lora = 8 * (in_f + 1024) + 8 * (1024 + 1024)
-    head = 1024 * 10 + 10
+    head = 1024 * 9 + 9  # class 9 is held out of training for the personalization stage
     assert s["trainable_parameters"] == lora + head
     assert "adapter/adapter_model.safetensors" in s["family_files"]
     # the sparse links did not move: the adapter sits on them, unmerged
@@ -64,6 +64,10 @@ def test_default_run_adds_lora_on_the_sparse_twin_and_a_soup(tmp_path):
     assert all(torch.allclose(soup[k], (a[k] + b[k]) / 2) for k in soup)
     s = _summary(tmp_path / "run", "soup")
     assert s["merge_method"] == "linear" and s["steps"] == 0 and 0 < s["test_acc"] <= 1
+    # personalization: the soup's frozen features, the held-out tenth class added from one example, no training
+    p = _summary(tmp_path / "run", "personalize")
+    assert p["steps"] == 0 and p["sessions"] == 2 and p["classes"] == 10 and p["draws"] == 10
+    assert p["model_source"] == "stage soup" and p["last_novel_acc"] is not None and p["acc_first"] > 0.5
 
 
 def test_sparse_backbone_recipe_runs_its_stages(tmp_path):
