@@ -15,7 +15,6 @@ with (1, 2) and (1, 2, 3) statistics, and the bag without centering.
 
 from __future__ import annotations
 
-import csv
 import logging
 import statistics
 import time
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
 from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.errors import ConfigError, DataError
 from edgetune.data.glyph_instances import (
@@ -185,12 +184,10 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
 
 def table(csv_path: Path) -> str:
     """Markdown of the last run in the CSV: mean +/- std over seeds per (backbone, instances per object, method)."""
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+    run = last_run_rows(csv_path)
+    if not run:
         return ""
-    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
-    run = [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
+    last = (run[0]["timestamp_utc"], run[0]["quick"])
     seeds = sorted({int(r["backbone_seed"]) for r in run})
     r0 = run[0]
     lines = [(f"Run {last[0]} ({r0['hardware']}, {r0['device']}, torch {r0['torch']}, {r0['torch_threads']} threads, "
