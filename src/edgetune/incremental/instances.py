@@ -38,7 +38,8 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from edgetune.core.config import Config, validate
-from edgetune.core.errors import CheckpointError, ConfigError, ShapeError, did_you_mean
+from edgetune.core.errors import ConfigError, ShapeError, did_you_mean
+from edgetune.incremental.files import read_tagged, write_tagged
 from edgetune.incremental.object_search import box_to_grid
 from edgetune.incremental.pooling import check_orders, moment_pool
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums
@@ -390,42 +391,20 @@ class BagOfInstances:
     def save(self, path: str | Path) -> Path:
         """Write the prototypes (as sums and counts), the centre, the names, object classes and config to one
         safetensors file (the trunk is not saved: it is the user's model)."""
-        from edgetune.core.state import save_tensors
-
         self._need_instances()
         tensors = {"sums": self.sums, "counts": self.counts, "extra_sums": self.extra_sums,
                    "extra_counts": self.extra_counts}
         if self.center is not None:
             tensors["center"] = self.center
-        meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(self.config.to_dict()),
-                "names": json.dumps(self.names), "instance_object": json.dumps(self.instance_object),
-                "objects": json.dumps(self.objects)}
-        path = Path(path)
-        save_tensors(tensors, path, meta)
-        return path
+        meta = {"config": json.dumps(self.config.to_dict()), "names": json.dumps(self.names),
+                "instance_object": json.dumps(self.instance_object), "objects": json.dumps(self.objects)}
+        return write_tagged(path, tensors, meta, FORMAT, VERSION)
 
     @classmethod
     def load(cls, path: str | Path, trunk: nn.Module | None = None, **kwargs: Any) -> BagOfInstances:
         """A recognizer from :meth:`save`'s file; ``trunk`` and ``kwargs`` (transform, device, batch_size) as in
         the constructor."""
-        from safetensors import safe_open
-
-        from edgetune.core.state import load_tensors
-
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no bag-of-instances file at {path}")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_tensors(path)
-        except Exception as err:  # noqa: BLE001  (a damaged file is a user-facing error, not a traceback)
-            raise CheckpointError(f"{path} is not a readable bag-of-instances file ({err}); save it again") from None
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not an edgetune bag of instances (format {meta.get('format')!r})")
-        if int(meta.get("version", 0)) > VERSION:
-            raise CheckpointError(f"{path} was written by a newer edgetune (format version {meta['version']}); "
-                                  "upgrade edgetune to read it")
+        tensors, meta = read_tagged(path, FORMAT, VERSION, "bag-of-instances")
         bag = cls(trunk, validate(BagConfig, json.loads(meta["config"])), **kwargs)
         bag.names = json.loads(meta["names"])
         bag.instance_object = json.loads(meta["instance_object"])

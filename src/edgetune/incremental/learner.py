@@ -27,13 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from safetensors.torch import load_file
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from edgetune.core.config import Config
-from edgetune.core.errors import CheckpointError, ConfigError, ShapeError
+from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.incremental.features import Backbone
+from edgetune.incremental.files import read_tagged, write_tagged
 from edgetune.incremental.metrics import session_accuracy
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums, teen_calibrate
 
@@ -261,45 +261,20 @@ class IncrementalLearner:
         return session_accuracy(pred, y, self.base_classes)
 
     # ------------------------------------------------------------------------------------------------ files
-    def state(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        tensors = {"sums": self.sums.contiguous(), "counts": self.counts.contiguous(),
-                   "classes": torch.tensor(self.classes, dtype=torch.int64),
-                   "base_classes": torch.tensor(self.base_classes, dtype=torch.int64)}
-        meta = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(self.config.model_dump()),
-                "threshold": json.dumps(self.threshold), "sessions": str(self.sessions)}
-        return tensors, meta
-
     def save(self, path: str | Path) -> Path:
         """Write every prototype (as sums and counts), the classes, the gate's threshold and the config to one
         safetensors file (the backbone is not saved: it is the model of the run or the user's)."""
-        from safetensors.torch import save
-
-        from edgetune.core.state import atomic_write_bytes
-
-        path = Path(path)
-        tensors, meta = self.state()
-        atomic_write_bytes(path, save(tensors, metadata=meta))
-        return path
+        tensors = {"sums": self.sums, "counts": self.counts,
+                   "classes": torch.tensor(self.classes, dtype=torch.int64),
+                   "base_classes": torch.tensor(self.base_classes, dtype=torch.int64)}
+        meta = {"config": json.dumps(self.config.model_dump()), "threshold": json.dumps(self.threshold),
+                "sessions": str(self.sessions)}
+        return write_tagged(path, tensors, meta, FORMAT, VERSION)
 
     @classmethod
     def load(cls, path: str | Path, backbone: Backbone | torch.nn.Module | None = None) -> IncrementalLearner:
         """A learner from :meth:`save`'s file (with ``backbone`` to take raw inputs)."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no learner file at {path}")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as err:  # noqa: BLE001  (a damaged file is a user-facing error, not a traceback)
-            raise CheckpointError(f"{path} is not a readable learner file ({err}); save it again") from None
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not an edgetune incremental learner (format {meta.get('format')!r})")
-        if int(meta.get("version", 0)) > VERSION:
-            raise CheckpointError(f"{path} was written by a newer edgetune (learner format {meta['version']}); "
-                                  "upgrade edgetune to read it")
+        tensors, meta = read_tagged(path, FORMAT, VERSION, "learner")
         learner = cls(backbone, LearnerConfig.model_validate(json.loads(meta["config"])))
         learner.sums, learner.counts = tensors["sums"], tensors["counts"]
         learner.classes = tensors["classes"].tolist()
