@@ -12,7 +12,8 @@ from edgetune.incremental.etf import etf_geometry_error, ideal_etf_gram, max_coh
 from edgetune.incremental.features import Backbone
 from edgetune.incremental.gates import GATES, NoveltyGateConfig, make_gate, unknown_mask
 from edgetune.incremental.heads import CosineHead, ETFHead, cosine_logits
-from edgetune.incremental.hop import HopConfig, HopModel, content_mask, hop_features, select_problem
+from edgetune.incremental.hop import HopConfig, HopModel
+from edgetune.incremental.hop_pooling import content_mask, hop_features, select_problem
 from edgetune.incremental.instances import (
     BagConfig,
     BagOfInstances,
