@@ -33,11 +33,12 @@ def plot_sessions(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str |
         axes = [ax]
     else:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+        colour = {label: f"C{i}" for i, label in enumerate(curves)}  # one colour per learner in every panel
         for ax, (key, name) in zip(axes, _SERIES[:3], strict=False):
             for label, recs in curves.items():
                 pts = [(r["session"], r[key]) for r in recs if r.get(key) is not None]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label, color=colour[label])
             ax.set_title(f"{name}")
         fig.suptitle(title)
     for ax in axes:
@@ -58,15 +59,17 @@ def plot_operating_curves(curves: Mapping[str, Sequence[tuple[float, float]]], p
     for label, pts in curves.items():
         if pts:
             xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot([100 * x for x in xs], [100 * y for y in ys], label=label)
+            ax.plot([100 * x for x in xs], [100 * y for y in ys], label=label, color=f"C{list(curves).index(label)}")
+    colour = {label: f"C{i}" for i, label in enumerate(curves)}
     for label, (f, n) in (points or {}).items():
-        ax.scatter([100 * f], [100 * n], s=25, zorder=3)
+        rule = next((r for r in sorted(colour, key=len, reverse=True) if label.startswith(r)), None)
+        ax.scatter([100 * f], [100 * n], s=25, zorder=3, color=colour.get(rule, "black"))
         ax.annotate(label, (100 * f, 100 * n), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for k in (2, 5):
         ax.axvline(k, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("FOR: forgetting of base accuracy (points)")
     ax.set_ylabel("NCR: novel-class recall (%)")
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, min(30.0, ax.get_xlim()[1]))  # the budgets of interest are a few points
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
