@@ -286,8 +286,7 @@ def _source_rows(name: str, src: dict[str, Any], heads: Sequence[str], seeds: ra
             net, bundle, summary = fit_backbone(data, model, opts, src["train"], head=head.split("-")[0],
                                                 total_classes=total if head == "etf-all" else None, seed=seed,
                                                 device=ctx.device)
-            common = {"source": name, "head": head, "backbone_seed": seed, "source_test_acc": summary.get("test_acc"),
-                      "best_epoch": summary.get("best_epoch")}
+            common = {"source": name, "head": head, "backbone_seed": seed, "source_test_acc": summary.get("test_acc")}
             yield {"kind": "collapse", **common, **_collapse_row(net, bundle, ctx.device)}
             for tname, t in targets.items():
                 f = _features(net, t, ctx.device)
