@@ -43,7 +43,7 @@ from edgetune.data import DataConfig, load_dataset
 from edgetune.data.batches import compose
 from edgetune.data.splits import few_shot_episode
 from edgetune.incremental.bench.backbones import fit_backbone
-from edgetune.incremental.bench.fscil import _merged
+from edgetune.incremental.bench.fscil import merge_options
 from edgetune.incremental.etf import etf_geometry_error, simplex_etf
 from edgetune.incremental.features import Backbone
 from edgetune.incremental.heads import ETFHead
@@ -431,7 +431,7 @@ def incremental_etf_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     draws = int(ctx.option("draws", 2 if ctx.quick else 10))
     rows: list[dict[str, Any]] = []
     for name in sources:
-        src = _merged(SOURCES[name], QUICK[name]) if ctx.quick else copy.deepcopy(SOURCES[name])
+        src = merge_options(SOURCES[name], QUICK[name]) if ctx.quick else copy.deepcopy(SOURCES[name])
         if ctx.quick:
             src["targets"] = QUICK[name]["targets"]
         if ctx.option("epochs") is not None:

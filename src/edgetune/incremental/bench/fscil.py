@@ -34,7 +34,7 @@ from edgetune.incremental.learner import IncrementalLearner, LearnerConfig
 from edgetune.incremental.plots import plot_sessions
 from edgetune.incremental.sessions import run_sessions, summarize_sessions
 
-__all__ = ["PROTOCOLS", "finetune_sessions"]
+__all__ = ["PROTOCOLS", "finetune_sessions", "merge_options"]
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ QUICK = {"digits": {"train": {"epochs": 15}}, "synglyph": {"data": {"options": {
 _STATS = ("acc_first", "acc_last", "acc_avg", "performance_drop", "last_base_acc", "last_novel_acc", "last_hm")
 
 
-def _merged(p: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_options(p: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(p)
     for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_options(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -228,6 +228,6 @@ def incremental_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     seeds = int(ctx.option("seeds", 1 if ctx.quick else 2))
     draws = int(ctx.option("draws", 1 if ctx.quick else 3))
     for name in names:
-        p = _merged(PROTOCOLS[name], QUICK.get(name, {})) if ctx.quick else PROTOCOLS[name]
+        p = merge_options(PROTOCOLS[name], QUICK.get(name, {})) if ctx.quick else PROTOCOLS[name]
         for seed in range(seeds):
             yield from _protocol_rows(name, p, seed, draws, ctx)

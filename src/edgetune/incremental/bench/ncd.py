@@ -13,7 +13,7 @@ from typing import Any
 from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
 from edgetune.data import DataConfig, load_dataset
 from edgetune.incremental.bench.backbones import fit_backbone
-from edgetune.incremental.bench.fscil import PROTOCOLS, QUICK, _merged
+from edgetune.incremental.bench.fscil import PROTOCOLS, QUICK, merge_options
 from edgetune.incremental.features import Backbone
 from edgetune.incremental.ncd import RULES, ncd_protocol
 from edgetune.incremental.plots import plot_operating_curves
@@ -76,7 +76,7 @@ def ncd_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     draws = int(ctx.option("draws", 2 if ctx.quick else 5))
     budgets = (0.02, 0.05)
     for name in names:
-        p = _merged(PROTOCOLS[name], QUICK.get(name, {})) if ctx.quick else PROTOCOLS[name]
+        p = merge_options(PROTOCOLS[name], QUICK.get(name, {})) if ctx.quick else PROTOCOLS[name]
         for seed in range(seeds):
             f = _features(name, p, seed, ctx)
             res = ncd_protocol(*f["args"], budgets=budgets, rules=RULES, draws=draws, shots=1, seed=seed)
