@@ -29,6 +29,7 @@ from edgetune.core.runs import final_stage_folder
 from edgetune.core.sections import SECTIONS, SectionContext
 from edgetune.core.seed import seed_everything
 from edgetune.core.state import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from edgetune.data.augment import build_augment
 from edgetune.data.base import DataBundle, load_dataset
 from edgetune.data.batches import batch_inputs, compose, take, to_device
 from edgetune.models.base import ModelSpec
@@ -176,8 +177,11 @@ def _write_start(run_dir: Path, cfg: RunConfig, command: str | None, resume: boo
 
 # ------------------------------------------------------------------------------------------ a stage
 def _prepare(cfg: RunConfig, device: torch.device, stages: dict[str, Any] | None, stage: str):
-    """Data, model source, tokenization and freezing of a stage: ``(bundle, loaded, spec, transform)``."""
+    """Data, model source, tokenization and freezing of a stage: ``(bundle, loaded, spec, transform,
+    train_transform)``; the last is None unless ``data.augment`` adds train-only augmentation (checked here,
+    before any model is built)."""
     bundle = load_dataset(cfg.data)
+    augment = build_augment(cfg.data.augment, bundle.input_shape)  # refuses a non-image dataset early
     log.info("[%s] data: %s (%d train, %d test) from %s", stage, bundle.name, len(bundle.train), len(bundle.test),
              bundle.source)
     spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)
@@ -188,7 +192,9 @@ def _prepare(cfg: RunConfig, device: torch.device, stages: dict[str, Any] | None
     patterns = cfg.train.trainable or (["head"] if cfg.model.task == "features" else None)
     if patterns:
         set_trainable_(loaded.model, patterns, head=loaded.head)
-    return bundle, loaded, spec, compose(bundle.transform, loaded.transform)
+    transform = compose(bundle.transform, loaded.transform)
+    train_transform = compose(bundle.transform, augment, loaded.transform) if augment is not None else None
+    return bundle, loaded, spec, transform, train_transform
 
 
 def _record(cfg: RunConfig, stage: str, stage_dir: Path, summary: dict[str, Any], loaded: LoadedModel,
@@ -227,7 +233,7 @@ def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: 
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
-    bundle, loaded, spec, transform = _prepare(cfg, device, stages, stage)
+    bundle, loaded, spec, transform, train_transform = _prepare(cfg, device, stages, stage)
     steps_per_epoch = -(-len(bundle.train) // cfg.train.batch_size)
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
@@ -237,7 +243,7 @@ def run_stage(cfg: RunConfig, stage_dir: Path, *, resume: bool = False, stages: 
     callbacks = _apply_sections(loaded.model, cfg, ctx)
     entry = STEPS.entry(cfg.step)
     step_ctx = StepContext(loaded=loaded, data=bundle, cfg=cfg, device=device, run_dir=stage_dir, task=loaded.task,
-                           transform=transform, callbacks=callbacks, resume=resume,
+                           transform=transform, callbacks=callbacks, resume=resume, train_transform=train_transform,
                            options=cfg.section(cfg.step) if entry.config is not None else None,
                            stages=dict(stages or {}))
     summary = dict(entry.obj(step_ctx))

@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset
 from edgetune.core.config import Config, validate
 from edgetune.core.errors import DataError
 from edgetune.core.registry import Registry
+from edgetune.data.augment import AugmentConfig
 from edgetune.data.batches import BatchTransform, DictDataset
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class DataConfig(Config):
         hold-out, so a stage trained on ``classes: 0-59`` and a later stage on all classes hold out the very
         same validation examples of classes 0-59 (few-shot class-incremental protocols need that).
     options: loader-specific options, validated by that loader.
+    augment: train-only augmentation of image batches (:class:`~edgetune.data.augment.AugmentConfig`: random
+        crop with zero padding, horizontal flip), e.g. ``{crop_padding: 4, hflip: true}`` for CIFAR.
     """
 
     name: str = "fashion-mnist"
@@ -89,6 +92,7 @@ class DataConfig(Config):
     seed: int = 0
     classes: list[int] | str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    augment: AugmentConfig | None = None
 
     @field_validator("classes")
     @classmethod

@@ -40,6 +40,7 @@ class StepContext:
     task: str
     transform: BatchTransform | None
     callbacks: list[Callback]
+    train_transform: BatchTransform | None = None  # transform plus train-only augmentation (data.augment)
     resume: bool = False
     options: Any = None
     stages: dict[str, Callable[[], LoadedModel]] = field(default_factory=dict)
@@ -59,7 +60,8 @@ def _train(ctx: StepContext) -> dict[str, Any]:
 
     b = ctx.data
     trainer = Trainer(ctx.loaded.model, b.train, ctx.cfg.train, val=b.val, test=b.test, callbacks=ctx.callbacks,
-                      run_dir=ctx.run_dir, seed=ctx.cfg.seed, task=ctx.task, transform=ctx.transform)
+                      run_dir=ctx.run_dir, seed=ctx.cfg.seed, task=ctx.task, transform=ctx.transform,
+                      train_transform=ctx.train_transform)
     if ctx.resume and not trainer.resume():
         log.warning("no checkpoint in %s: starting this stage from the beginning", ctx.run_dir)
         trainer.clear_log()  # the records of the attempt that left no checkpoint would otherwise appear twice

@@ -92,6 +92,8 @@ class Trainer:
         seed: seeds the data order; the caller seeds model init.
         task: ``classification`` | ``lm`` | ``seq2seq`` or a :class:`Task` (turns a batch into loss and metrics).
         transform: per-batch preprocessing applied on the device to every train and eval batch.
+        train_transform: when given, applied to training batches instead of ``transform`` (``transform`` plus
+            train-only augmentation, see :mod:`edgetune.data.augment`); eval batches keep ``transform``.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class Trainer:
         seed: int = 0,
         task: str | Task = "classification",
         transform: BatchTransform | None = None,
+        train_transform: BatchTransform | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -116,6 +119,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.task = get_task(task, cfg.label_smoothing)
         self.transform = transform
+        self.train_transform = train_transform if train_transform is not None else transform
         self.val_data, self.test_data = val, test
         self.callbacks = list(callbacks)
         self.seed = seed
@@ -199,7 +203,7 @@ class Trainer:
 
     def _prepare(self, batch: Batch) -> Batch:
         batch = to_device(batch, self.device)
-        return self.transform(batch) if self.transform is not None else batch
+        return self.train_transform(batch) if self.train_transform is not None else batch
 
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
         # session 0 keeps the historical seed formula, so earlier runs' data order is unchanged
