@@ -35,7 +35,7 @@ from edgetune.incremental.object_search import PersonalObjectSearch, SearchConfi
 from edgetune.incremental.patch_features import hf_vit_patches, mobilenet_v2_patches, vit_patches
 from edgetune.incremental.pooling import check_orders, moment_pool
 from edgetune.incremental.prototypes import class_sums, cosine_scores, prototypes_from_sums, teen_calibrate
-from edgetune.incremental.sessions import run_sessions, summarize_sessions
+from edgetune.incremental.sessions import evaluate_sessions, run_sessions, summarize_sessions
 from edgetune.incremental.text_sequences import (
     SEQUENCES,
     Problem,
@@ -48,9 +48,9 @@ __all__ = ["GATES", "SEQUENCES", "Backbone", "BagConfig", "BagOfInstances", "Bag
            "ETFHead", "HopConfig", "HopModel", "IncrementalLearner", "LearnerConfig", "NoveltyGateConfig",
            "PersonalObjectSearch", "Problem", "SearchConfig", "SearchHit", "SequenceConfig", "TextSequence",
            "bag_predict", "build_sequence", "check_orders", "class_sums", "content_mask", "cosine_logits",
-           "cosine_scores", "etf_geometry_error", "forgetting", "hf_vit_patches", "hop_features",
-           "ideal_etf_gram", "make_gate", "max_coherence", "mobilenet_v2_patches", "moment_pool",
-           "ncd_protocol", "ncr_at_for", "near_etf", "novel_class_recall", "operating_curve",
+           "cosine_scores", "etf_geometry_error", "evaluate_sessions", "forgetting", "hf_vit_patches",
+           "hop_features", "ideal_etf_gram", "make_gate", "max_coherence", "mobilenet_v2_patches",
+           "moment_pool", "ncd_protocol", "ncr_at_for", "near_etf", "novel_class_recall", "operating_curve",
            "performance_drop", "prototypes_from_sums", "region_moments", "run_sessions", "search_metrics",
            "select_problem", "session_accuracy", "simplex_etf", "summarize_sessions", "teen_calibrate",
            "unknown_mask", "vit_patches"]

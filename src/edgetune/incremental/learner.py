@@ -8,6 +8,7 @@ few examples each, no backpropagation.
     learner.fit_base(base_train, val=base_val)       # prototypes of the base classes; gate calibrated on val
     learner.add_classes(support)                     # (x, y) of new classes: one prototype each
     learner.predict(x); learner.evaluate(test)       # cosine nearest prototype over every class seen
+    learner.evaluate_sessions([s1, s2, ...], test, base=base_train, val=base_val)  # the whole protocol
     learner.save("learner.safetensors"); IncrementalLearner.load("learner.safetensors", backbone)
 
 Prototypes are kept as per-class feature sums and counts, so saving and loading round-trips exactly and
@@ -251,6 +252,15 @@ class IncrementalLearner:
         mean (``hm``), on a split or ``(x, y)`` holding examples of known classes."""
         z, y = self.features(data)
         return self.evaluate_features(z, y)
+
+    def evaluate_sessions(self, supports: Sequence[Any], test: Any, *, base: Any = None,
+                          val: Any = None) -> list[dict[str, Any]]:
+        """The few-shot class-incremental protocol on data: fit ``base`` (if given), add each support set in
+        turn, test after every session on the ``test`` examples of the classes seen so far; one record per
+        session (see :func:`edgetune.incremental.sessions.evaluate_sessions`)."""
+        from edgetune.incremental.sessions import evaluate_sessions  # sessions builds on this module
+
+        return evaluate_sessions(self, supports, test, base=base, val=val)
 
     def evaluate_features(self, z: Tensor, y: Tensor) -> dict[str, float | None]:
         unknown = sorted({int(c) for c in y.tolist()} - set(self.classes))
