@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from edgetune.bench import run_suite
 from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.data.splits import few_shot_episode
-from edgetune.incremental.bench.etf_transfer import (
+from edgetune.incremental.etf import simplex_etf
+from edgetune.incremental.learner import IncrementalLearner
+from edgetune.incremental.transfer_metrics import (
     collapse_stats,
     effective_rank,
     episode_accuracy,
     mean_ci95,
     ncm_accuracy,
 )
-from edgetune.incremental.etf import simplex_etf
-from edgetune.incremental.learner import IncrementalLearner
 
 
 def _clustered(n_per: int, k: int, d: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
