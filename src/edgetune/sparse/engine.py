@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,16 +28,17 @@ from edgetune.core.hooks import Callback, TrainState
 from edgetune.sparse.config import SparseConfig
 from edgetune.sparse.layer import SparseLinear
 from edgetune.sparse.percolation import percolate
-from edgetune.sparse.regrowth import regrow
-from edgetune.sparse.removal import (
-    magnitude_removal,
-    relative_importance_removal,
-    removal_count,
-    soft_magnitude_removal,
-    soft_relative_importance_removal,
-)
-from edgetune.sparse.schedules import cosine_zeta, removal_temperature, sigmoid_density, stop_step, update_due
+from edgetune.sparse.removal import relative_importance_removal
+from edgetune.sparse.schedules import cosine_zeta, removal_temperature, stop_step, update_due
 from edgetune.sparse.sparsify import layer_chains, sparse_layers
+from edgetune.sparse.strategies import (
+    DENSITY_SCHEDULES,
+    REGROWTHS,
+    REMOVALS,
+    RuleContext,
+    ScheduleContext,
+    load_rules,
+)
 from edgetune.sparse.topology import link_count
 
 __all__ = ["SparseEngine", "active_neuron_fraction"]
@@ -44,7 +46,9 @@ __all__ = ["SparseEngine", "active_neuron_fraction"]
 log = logging.getLogger(__name__)
 
 
-def active_neuron_fraction(masks: list[torch.Tensor], chains: list[list[int]], tails: list[int] = ()) -> float:
+def active_neuron_fraction(
+    masks: list[torch.Tensor], chains: list[list[int]], tails: list[int] = ()
+) -> float:
     """Fraction of hidden neurons that carry signal.
 
     Counted: the neurons between consecutive layers of a chain (active with at least one input and one
@@ -75,14 +79,19 @@ def _hidden_tails(model: nn.Module, layers: list[tuple[str, Any]], chains: list[
     return tails
 
 
-def _remove(rule: str, w: torch.Tensor, mask: torch.Tensor, k: int, temp: float, g: torch.Generator) -> torch.Tensor:
-    if rule == "magnitude":
-        return magnitude_removal(w, mask, k)
-    if rule == "soft_magnitude":
-        return soft_magnitude_removal(w, mask, k, temp, g)
-    if rule == "relative_importance":
-        return relative_importance_removal(w, mask, k)
-    return soft_relative_importance_removal(w, mask, k, temp, g)
+@dataclass
+class _LayerUpdate:
+    """One layer during an update: its mask after removal (then percolation) and what it started from."""
+
+    name: str
+    layer: SparseLinear
+    weight: torch.Tensor  # dense (out, in) before the update
+    old: torch.Tensor  # mask before the update
+    mask: torch.Tensor  # mask after removal, then after percolation
+    target: int  # link count after regrowth
+
+
+load_rules()
 
 
 class SparseEngine(Callback):
@@ -106,14 +115,25 @@ class SparseEngine(Callback):
 
     def __init__(self, model: nn.Module, cfg: SparseConfig, *, seed: int = 0) -> None:
         self.cfg = cfg.resolved()
+        # the rules, looked up once in their registries (edgetune.sparse.strategies)
+        self.removal = REMOVALS.get(self.cfg.removal)
+        self.regrowth = REGROWTHS.get(self.cfg.regrowth)
+        self.schedule = DENSITY_SCHEDULES.get(self.cfg.density_schedule)
+        self.options = {k: self.cfg.rule_options(k) for k in ("removal", "regrowth", "density_schedule")}
+        self.needs_gradients = self.removal.needs_gradients or self.regrowth.needs_gradients
         self.layers = sparse_layers(model)
         if not self.layers:
-            raise ConfigError("SparseEngine: the model has no SparseLinear layer; call sparsify_(model, cfg) first")
+            raise ConfigError(
+                "SparseEngine: the model has no SparseLinear layer; call sparsify_(model, cfg) first"
+            )
         self.chains = layer_chains(self.layers, model)  # active neurons are measured for every method
         self.tails = _hidden_tails(model, self.layers, self.chains)
         if self.cfg.percolation and not self.chains:
-            log.warning("sparse: percolation is on but no chain of sparse layers was found (%s); nothing will be "
-                        "percolated", ", ".join(n for n, _ in self.layers))
+            log.warning(
+                "sparse: percolation is on but no chain of sparse layers was found (%s); nothing will be "
+                "percolated",
+                ", ".join(n for n, _ in self.layers),
+            )
         self.seed = self.cfg.seed if self.cfg.seed is not None else seed
         self.frozen = [False] * len(self.layers)
         self.updates = 0
@@ -126,7 +146,7 @@ class SparseEngine(Callback):
         self.t_end = 1
         self.model = model
         self.stepper: Any = None  # a MethodStepper once attach() was called
-        if self.cfg.regrowth == "gradient":
+        if self.needs_gradients:  # the rules read the dense gradient of the batch before each update
             for i, (_, layer) in enumerate(self.layers):
                 self._handles.append(layer.register_forward_hook(self._capture(i)))
 
@@ -145,22 +165,33 @@ class SparseEngine(Callback):
                 "lower sparse.update_interval (or use update_unit=steps) or train longer"
             )
         if decays and state.world_size > 1:
-            raise ConfigError("sparse: density decay (initial_density) changes parameter sizes, which DDP cannot "
-                              "follow; run it in one process or set sparse.initial_density=null")
+            raise ConfigError(
+                "sparse: density decay (initial_density) changes parameter sizes, which DDP cannot "
+                "follow; run it in one process or set sparse.initial_density=null"
+            )
+
+    def _schedule_context(self, step: int) -> ScheduleContext:
+        c = self.cfg
+        return ScheduleContext(
+            density=c.density,
+            initial_density=c.initial_density or c.density,
+            t_end=self.t_end,
+            interval=self.interval,
+            zeta=self.zeta_at(step),
+            steepness=c.decay_steepness,
+            options=self.options["density_schedule"],
+        )
 
     def density_at(self, step: int) -> float:
-        c = self.cfg
-        if not c.initial_density or c.initial_density == c.density:
-            return c.density
-        return sigmoid_density(min(step, self.t_end), self.t_end, c.initial_density, c.density,
-                               steepness=c.decay_steepness, interval=self.interval)
+        """Density the update at optimizer step ``step`` ends on (the density schedule's)."""
+        return self.schedule.at(step, self._schedule_context(step))
 
     def zeta_at(self, step: int) -> float:
         z = float(self.cfg.zeta or 0.0)
         return cosine_zeta(step, self.t_end, z) if self.cfg.zeta_schedule == "cosine" else z
 
     def _due(self, step: int) -> bool:
-        if self.cfg.regrowth == "none" and not self.cfg.initial_density:
+        if not self.regrowth.evolves and not self.cfg.initial_density:
             return False
         return update_due(step, self.interval, self.cfg.stop_fraction, self.total)
 
@@ -197,72 +228,94 @@ class SparseEngine(Callback):
     def _generator(self, step: int, i: int, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + step) * 1009 + i)
 
+    def _rule_context(
+        self, step: int, i: int, name: str, generator: torch.Generator, temp: float, kind: str
+    ) -> RuleContext:
+        rule = self.removal if kind == "removal" else self.regrowth
+        grad = self._grads.get(i)
+        if rule.needs_gradients and grad is None:
+            raise ConfigError(
+                f"sparse layer {name!r}: {getattr(self.cfg, kind)} {kind} at step {step} found no dense gradient; the "
+                "update must follow a training batch (forward + backward in train mode, as the Trainer does), not "
+                f"run on its own; or choose a {kind} rule that needs no gradient (edgetune ls methods)"
+            )
+        return RuleContext(
+            layer=name,
+            step=step,
+            generator=generator,
+            temperature=temp,
+            predictor=str(self.cfg.predictor),
+            grad=None if grad is None else grad.cpu(),
+            options=self.options[kind],
+        )
+
+    def _remove(self, step: int, i: int, temp: float, sched: ScheduleContext, density: float) -> _LayerUpdate:
+        """Removal step of layer ``i``: prune to the scheduled density, then cut links by the removal rule."""
+        name, layer = self.layers[i]
+        gen = self._generator(step, i, torch.device("cpu"))
+        mask = layer.mask()
+        w = layer.to_dense_weight()
+        old = mask.clone()
+        target = link_count(layer.out_features, layer.in_features, density)
+        final = link_count(layer.out_features, layer.in_features, self.cfg.density)
+        pruned, k = self.schedule.removal(int(mask.sum()), final, target, sched)
+        if pruned:  # density decay: prune to the scheduled density by relative importance
+            mask &= ~relative_importance_removal(w, mask, pruned)
+        if k and not self.frozen[i] and self.regrowth.evolves:
+            ctx = self._rule_context(step, i, name, gen, temp, "removal")
+            mask &= ~self.removal.fn(w.cpu(), mask.cpu(), k, ctx).to(mask.device)
+        return _LayerUpdate(name=name, layer=layer, weight=w, old=old, mask=mask, target=target)
+
+    def _percolate(self, work: list[_LayerUpdate]) -> None:
+        """Percolation step: cut hidden neurons left without inputs or outputs along every chain."""
+        for chain in self.chains if self.cfg.percolation else []:
+            res = percolate([work[i].mask for i in chain])
+            for i, m in zip(chain, res.masks):
+                work[i].mask = m
+
+    def _regrow(
+        self, step: int, i: int, u: _LayerUpdate, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[int, int, float]:
+        """Regrowth step of layer ``i`` back to its scheduled count; returns (removed, regrown, overlap)."""
+        mask = u.mask
+        removed = u.old & ~mask
+        # a frozen layer removes nothing itself but regrows what percolation cut, so its density holds
+        k = max(0, u.target - int(mask.sum())) if self.regrowth.evolves else 0
+        gen = self._generator(step, i + 7919, torch.device("cpu"))
+        if k:
+            ctx = self._rule_context(step, i, u.name, gen, 0.0, "regrowth")
+            new = self.regrowth.fn(mask.cpu(), k, ctx).to(mask.device)
+        else:
+            new = torch.zeros_like(mask)
+        final = mask | new
+        overlap = float((new & removed).sum()) / max(1, int(removed.sum()))
+        if (
+            self.cfg.early_stop_overlap is not None
+            and int(removed.sum())
+            and overlap > self.cfg.early_stop_overlap
+        ):
+            self.frozen[i] = True
+            log.info("sparse: %s frozen at step %d (removed/regrown overlap %.3f)", u.name, step, overlap)
+        idx = final.nonzero().t()  # (2, nnz) row-major
+        # survivors keep their weight and optimizer state; regrown links (even ones removed in this very
+        # update) start at 0 with zero state
+        vals = u.weight[final] * mask[final]
+        u.layer.set_topology(idx, vals, optimizer, fresh=new[final])
+        return int(removed.sum()), int(new.sum()), overlap
+
     @torch.no_grad()
     def update(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
-        """Run one topology update of every layer at optimizer step ``step``; return its statistics."""
-        cfg = self.cfg
-        density = self.density_at(step)
-        zeta = self.zeta_at(step)
-        temp = removal_temperature(min(step, self.t_end), self.t_end, *cfg.temperature)
-        if cfg.regrowth == "gradient" and dist.is_available() and dist.is_initialized():
+        """Run one topology update of every layer at optimizer step ``step``: remove, percolate, regrow."""
+        sched = self._schedule_context(step)
+        temp = removal_temperature(min(step, self.t_end), self.t_end, *self.cfg.temperature)
+        if self.needs_gradients and dist.is_available() and dist.is_initialized():
             for g in self._grads.values():
                 dist.all_reduce(g)
                 g.div_(dist.get_world_size())
-        old_masks, masks, removed, weights, targets = [], [], [], [], []
-        for i, (name, layer) in enumerate(self.layers):
-            gen = self._generator(step, i, torch.device("cpu"))
-            mask = layer.mask()
-            w = layer.to_dense_weight()
-            old_masks.append(mask.clone())
-            target = link_count(layer.out_features, layer.in_features, density)
-            nnz = int(mask.sum())
-            if nnz > target:  # density decay: prune to the scheduled density by relative importance
-                mask &= ~relative_importance_removal(w, mask, nnz - target)
-            rem = torch.zeros_like(mask)
-            if not self.frozen[i] and cfg.regrowth != "none":
-                k = removal_count(int(mask.sum()), zeta)
-                rem = _remove(str(cfg.removal), w.cpu(), mask.cpu(), k, temp, gen).to(mask.device)
-                mask &= ~rem
-            masks.append(mask)
-            removed.append(old_masks[i] & ~mask)
-            weights.append(w)
-            targets.append(target)
-        for chain in self.chains if cfg.percolation else []:
-            res = percolate([masks[i] for i in chain])
-            for i, m in zip(chain, res.masks):
-                masks[i] = m
-                removed[i] = old_masks[i] & ~m
-        n_removed = n_regrown = 0
-        overlap_sum = 0.0
-        for i, (name, layer) in enumerate(self.layers):
-            mask = masks[i]
-            # a frozen layer removes nothing itself but regrows what percolation cut, so its density holds
-            k = 0 if cfg.regrowth == "none" else max(0, targets[i] - int(mask.sum()))
-            gen = self._generator(step, i + 7919, torch.device("cpu"))
-            grad = self._grads.get(i)
-            if k and cfg.regrowth == "gradient" and grad is None:
-                raise ConfigError(
-                    f"sparse layer {name!r}: gradient regrowth at step {step} found no dense gradient; the update must "
-                    "follow a training batch (forward + backward in train mode, as the Trainer does), not run on "
-                    "its own; or choose regrowth=random or ch_soft"
-                )
-            new = regrow(str(cfg.regrowth) if k else "none", mask.cpu(), k, gen, predictor=str(cfg.predictor),
-                         grad=None if grad is None else grad.cpu()).to(mask.device)
-            final = mask | new
-            old_removed = removed[i]
-            regrown_old = (new & old_removed).sum()
-            overlap = float(regrown_old) / max(1, int(old_removed.sum()))
-            overlap_sum += overlap
-            if cfg.early_stop_overlap is not None and int(old_removed.sum()) and overlap > cfg.early_stop_overlap:
-                self.frozen[i] = True
-                log.info("sparse: %s frozen at step %d (removed/regrown overlap %.3f)", name, step, overlap)
-            n_removed += int(old_removed.sum())
-            n_regrown += int(new.sum())
-            idx = final.nonzero().t()  # (2, nnz) row-major
-            # survivors keep their weight and optimizer state; regrown links (even ones removed in this very
-            # update) start at 0 with zero state
-            vals = weights[i][final] * mask[final]
-            layer.set_topology(idx, vals, optimizer, fresh=new[final])
+        density = self.schedule.at(step, sched)
+        work = [self._remove(step, i, temp, sched, density) for i in range(len(self.layers))]
+        self._percolate(work)
+        counts = [self._regrow(step, i, u, optimizer) for i, u in enumerate(work)]
         self._grads.clear()
         self.updates += 1
         all_masks = [layer.mask() for _, layer in self.layers]
@@ -271,19 +324,20 @@ class SparseEngine(Callback):
         self.last = {
             "sparse_density": nnz / size,
             "sparse_active_neurons": active_neuron_fraction(all_masks, self.chains, self.tails),
-            "sparse_removed": float(n_removed),
-            "sparse_regrown": float(n_regrown),
-            "sparse_overlap": overlap_sum / len(self.layers),
+            "sparse_removed": float(sum(c[0] for c in counts)),
+            "sparse_regrown": float(sum(c[1] for c in counts)),
+            "sparse_overlap": sum(c[2] for c in counts) / len(self.layers),
             "sparse_frozen_layers": float(sum(self.frozen)),
             "sparse_updates": float(self.updates),
-            "sparse_zeta": zeta,
+            "sparse_zeta": sched.zeta,
         }
         log.debug("sparse update at step %d: %s", step, self.last)
         return self.last
 
     # ------------------------------------------------------------------ outside edgetune's loop
-    def attach(self, optimizer: torch.optim.Optimizer, *, total_steps: int,
-               steps_per_epoch: int | None = None) -> SparseEngine:
+    def attach(
+        self, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int | None = None
+    ) -> SparseEngine:
         """Drive this engine from your own loop: call :meth:`step` after each ``optimizer.step()``; return self.
 
         ``total_steps``: optimizer steps of the whole training; ``steps_per_epoch`` (e.g. ``len(loader)``)
@@ -294,8 +348,10 @@ class SparseEngine(Callback):
         from edgetune.integrations.stepper import MethodStepper, unwrap_optimizer
 
         if self.stepper is not None:
-            raise ConfigError("SparseEngine.attach: this engine is already attached to an optimizer; build one "
-                              "engine per training run")
+            raise ConfigError(
+                "SparseEngine.attach: this engine is already attached to an optimizer; build one "
+                "engine per training run"
+            )
         held = {id(p) for g in unwrap_optimizer(optimizer).param_groups for p in g["params"]}
         missing = [name for name, layer in self.layers if id(layer.values) not in held]
         if missing:
@@ -310,16 +366,19 @@ class SparseEngine(Callback):
                 f"{self.cfg.update_interval} epoch(s), so it needs steps_per_epoch (optimizer steps per epoch, e.g. "
                 "len(train_loader)); pass it, or set update_unit='steps' with an update_interval in steps"
             )
-        self.stepper = MethodStepper(self.model, optimizer, [self], total_steps=total_steps,
-                                     steps_per_epoch=steps_per_epoch)
+        self.stepper = MethodStepper(
+            self.model, optimizer, [self], total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        )
         return self
 
     def step(self, loss: torch.Tensor | float | None = None) -> dict[str, float]:
         """Call right after ``optimizer.step()`` in your loop (after :meth:`attach`); return :meth:`metrics`
         of the update when one ran at this step, else ``{}``."""
         if self.stepper is None:
-            raise ConfigError("SparseEngine.step: call engine.attach(optimizer, total_steps=...) once before the "
-                              "training loop (in edgetune's Trainer the engine is a callback and needs neither)")
+            raise ConfigError(
+                "SparseEngine.step: call engine.attach(optimizer, total_steps=...) once before the "
+                "training loop (in edgetune's Trainer the engine is a callback and needs neither)"
+            )
         before = self.updates
         self.stepper.step(loss)
         return self.metrics() if self.updates != before else {}
@@ -353,7 +412,9 @@ class SparseEngine(Callback):
         mine = [[name, layer.out_features, layer.in_features] for name, layer in self.layers]
         theirs = [list(x) for x in state.get("layers", [])]
         if theirs != mine:
-            diff = next(((a, b) for a, b in zip(theirs, mine) if a != b), (theirs[len(mine):], mine[len(theirs):]))
+            diff = next(
+                ((a, b) for a, b in zip(theirs, mine) if a != b), (theirs[len(mine) :], mine[len(theirs) :])
+            )
             raise CheckpointError(
                 f"checkpoint holds another sparse topology: layer {diff[0]} in the checkpoint vs {diff[1]} in this "
                 "model; resume with the recipe that wrote it"

@@ -89,3 +89,29 @@ def degree_scaled_init(
     deg = mask.sum(dim=1, keepdim=True).to(device=generator.device, dtype=dtype)
     std = torch.where(deg > 0, gain / deg.clamp_min(1).sqrt(), torch.zeros_like(deg))
     return _normal_on(mask, std, generator, dtype)
+
+
+# ----------------------------------------------------------------------------------- registered rules
+def _register() -> None:
+    from edgetune.sparse.strategies import WEIGHT_INITS, WeightInit, summary_of
+
+    rules = {
+        "swi": (
+            WeightInit(
+                lambda m, ctx: sparse_weight_init(
+                    m, ctx.generator, density=ctx.density, dtype=ctx.weight.dtype
+                )
+            ),
+            "SWI: std sqrt(2/(density*fan_in)) on the links (CHT)",
+        ),
+        "kaiming": (
+            WeightInit(lambda m, ctx: kaiming_active_init(m, ctx.generator).to(ctx.weight.dtype)),
+            "Kaiming: std sqrt(2/fan_in) on the links",
+        ),
+        "keep": (WeightInit(lambda m, ctx: ctx.weight), "the dense layer's own weights under the mask"),
+    }
+    for name, (rule, text) in rules.items():
+        WEIGHT_INITS.add(name, rule, summary=summary_of(text, rule))
+
+
+_register()

@@ -8,6 +8,9 @@ exact (the official code either overshoots on ties or adds 1e-5 noise to every s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
@@ -40,8 +43,9 @@ def _uniform(candidates: torch.Tensor, k: int, generator: torch.Generator) -> to
     return idx[torch.topk(keys, k, sorted=False).indices]
 
 
-def _top_or_sample(scores: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator,
-                   soft: bool) -> torch.Tensor:
+def _top_or_sample(
+    scores: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator, soft: bool
+) -> torch.Tensor:
     s = scores.detach().reshape(-1).double().clone()
     s[mask.reshape(-1)] = 0.0
     s = s.clamp_min_(0.0)
@@ -64,7 +68,9 @@ def random_regrowth(mask: torch.Tensor, k: int, generator: torch.Generator) -> t
     return _new_mask(_uniform(~mask, k, generator), mask)
 
 
-def gradient_regrowth(grad: torch.Tensor | None, mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def gradient_regrowth(
+    grad: torch.Tensor | None, mask: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
     """RigL: the ``k`` non-links with the largest ``|dense gradient|`` ``(out, in)``."""
     if grad is None:
         raise ConfigError(
@@ -76,31 +82,92 @@ def gradient_regrowth(grad: torch.Tensor | None, mask: torch.Tensor, k: int, gen
     return _top_or_sample(grad.abs(), mask, k, generator, soft=False)
 
 
-def ch_hard_regrowth(scores: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def ch_hard_regrowth(
+    scores: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
     """CHT: the ``k`` non-links with the highest CH score (ties broken by index order of topk)."""
     _check(mask, k, scores)
     return _top_or_sample(scores, mask, k, generator, soft=False)
 
 
-def ch_soft_regrowth(scores: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def ch_soft_regrowth(
+    scores: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
     """CHTs: ``k`` non-links sampled without replacement with probability proportional to their CH score."""
     _check(mask, k, scores)
     return _top_or_sample(scores, mask, k, generator, soft=True)
 
 
-def regrow(rule: str, mask: torch.Tensor, k: int, generator: torch.Generator, *, predictor: str = "ch3_l3",
-           grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch by rule name: none | random | gradient | ch_hard | ch_soft (scores from ``predictor``)."""
-    if rule == "none" or k == 0:
-        _check(mask, k if rule != "none" else 0)
+def _none(mask: torch.Tensor, k: int) -> torch.Tensor:
+    _check(mask, 0)
+    if k:
+        raise ConfigError(f"regrowth rule 'none' cannot regrow k={k} links; choose a rule that grows links")
+    return torch.zeros_like(mask)
+
+
+def regrow(
+    rule: str,
+    mask: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    *,
+    predictor: str = "ch3_l3",
+    grad: torch.Tensor | None = None,
+    options: Any = None,
+    layer: str = "",
+) -> torch.Tensor:
+    """Apply the registered regrowth rule ``rule`` (``edgetune ls methods``; scores from ``predictor``)."""
+    from edgetune.sparse.strategies import REGROWTHS, RuleContext, rule_options
+
+    entry = REGROWTHS.get(rule)
+    if k == 0 or not entry.evolves:
+        _check(mask, 0)
         return torch.zeros_like(mask)
-    if rule == "random":
-        return random_regrowth(mask, k, generator)
-    if rule == "gradient":
-        return gradient_regrowth(grad, mask, k, generator)
-    if rule in ("ch_hard", "ch_soft"):
+    opts = options if options is not None else rule_options("regrowth", rule, None)
+    ctx = RuleContext(layer=layer, step=0, generator=generator, predictor=predictor, grad=grad, options=opts)
+    return entry.fn(mask, k, ctx)
+
+
+# ----------------------------------------------------------------------------------- registered rules
+def _ch(fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, int, Any], torch.Tensor]:
+    def rule(mask: torch.Tensor, k: int, ctx: Any) -> torch.Tensor:
+        _check(mask, k)
         # float32: 2-3x faster than float64 and the same top-k selections (measured up to 4096^2 at 5%)
-        scores = link_scores(mask, predictor, dtype=torch.float32)  # type: ignore[arg-type]
-        fn = ch_hard_regrowth if rule == "ch_hard" else ch_soft_regrowth
-        return fn(scores, mask, k, generator)
-    raise ConfigError(f"unknown regrowth rule {rule!r}; choose none, random, gradient, ch_hard or ch_soft")
+        scores = link_scores(mask, ctx.predictor, dtype=torch.float32)
+        return fn(scores, mask, k, ctx.generator)
+
+    return rule
+
+
+def _register() -> None:
+    from edgetune.sparse.strategies import REGROWTHS, RegrowthRule, summary_of
+
+    rules = {
+        "none": (
+            RegrowthRule(lambda m, k, ctx: _none(m, k), evolves=False),
+            "no regrowth: the topology stays fixed",
+        ),
+        "random": (
+            RegrowthRule(lambda m, k, ctx: random_regrowth(m, k, ctx.generator)),
+            "k non-links uniformly at random (SET)",
+        ),
+        "gradient": (
+            RegrowthRule(
+                lambda m, k, ctx: gradient_regrowth(ctx.grad, m, k, ctx.generator), needs_gradients=True
+            ),
+            "the k non-links of largest |dense gradient| (RigL)",
+        ),
+        "ch_hard": (
+            RegrowthRule(_ch(ch_hard_regrowth)),
+            "the k non-links of highest CH score (CHT; sparse.predictor)",
+        ),
+        "ch_soft": (
+            RegrowthRule(_ch(ch_soft_regrowth)),
+            "k non-links sampled by CH score (CHTs; sparse.predictor)",
+        ),
+    }
+    for name, (rule, text) in rules.items():
+        REGROWTHS.add(name, rule, summary=summary_of(text, rule))
+
+
+_register()

@@ -146,3 +146,34 @@ def soft_relative_importance_removal(
 ) -> torch.Tensor:
     """Soft removal on :func:`relative_importance` (CHTss ``ri_soft``): keep ∝ ``RI^T``, remove ``k``."""
     return remove_sampled(relative_importance(weight, mask), mask, k, temperature, generator)
+
+
+# ----------------------------------------------------------------------------------- registered rules
+def _register() -> None:
+    from edgetune.sparse.strategies import REMOVALS, RemovalRule, summary_of
+
+    rules = {
+        "magnitude": (
+            RemovalRule(lambda w, m, k, ctx: magnitude_removal(w, m, k)),
+            "the k smallest |w| (SET, RigL, CHT)",
+        ),
+        "soft_magnitude": (
+            RemovalRule(lambda w, m, k, ctx: soft_magnitude_removal(w, m, k, ctx.temperature, ctx.generator)),
+            "keep links sampled by |w|^T, remove the rest (CHTs; T: sparse.temperature)",
+        ),
+        "relative_importance": (
+            RemovalRule(lambda w, m, k, ctx: relative_importance_removal(w, m, k)),
+            "the k lowest |w|/row strength + |w|/column strength (CHTss ri)",
+        ),
+        "soft_relative_importance": (
+            RemovalRule(
+                lambda w, m, k, ctx: soft_relative_importance_removal(w, m, k, ctx.temperature, ctx.generator)
+            ),
+            "keep links sampled by relative importance^T, remove the rest (CHTss ri_soft)",
+        ),
+    }
+    for name, (rule, text) in rules.items():
+        REMOVALS.add(name, rule, summary=summary_of(text, rule))
+
+
+_register()

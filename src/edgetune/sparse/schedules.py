@@ -17,6 +17,7 @@ Invalid arguments raise :class:`~edgetune.core.errors.ConfigError` naming the va
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from edgetune.core.errors import ConfigError
 
@@ -240,3 +241,52 @@ def sigmoid_density(
     lo, hi = sig(-kappa * mid), sig(kappa * (total_iters - mid))
     shaped = (sig(kappa * (p - mid)) - lo) / (hi - lo)
     return float(d_init - (d_init - d_final) * shaped)
+
+
+# ----------------------------------------------------------------------------------- registered rules
+def _prune_then_remove(nnz: int, final: int, target: int, ctx: Any) -> tuple[int, int]:
+    """Prune to the scheduled count first (relative importance), then remove ``floor(ζ · nnz)``."""
+    from edgetune.sparse.removal import removal_count
+
+    pruned = max(0, nnz - target)
+    return pruned, removal_count(nnz - pruned, ctx.zeta)
+
+
+def _sigmoid_at(step: int, ctx: Any) -> float:
+    if ctx.initial_density == ctx.density:
+        return ctx.density
+    return sigmoid_density(
+        min(step, ctx.t_end),
+        ctx.t_end,
+        ctx.initial_density,
+        ctx.density,
+        steepness=ctx.steepness,
+        interval=ctx.interval,
+    )
+
+
+def _register() -> None:
+    from edgetune.sparse.strategies import DENSITY_SCHEDULES, DensitySchedule, summary_of
+
+    rules = {
+        "constant": (
+            DensitySchedule(
+                initial=lambda d, d0, o: d, at=lambda step, ctx: ctx.density, removal=_prune_then_remove
+            ),
+            "the density stays at sparse.density; each update removes zeta of the links",
+        ),
+        "sigmoid": (
+            DensitySchedule(
+                initial=lambda d, d0, o: d if d0 is None else d0, at=_sigmoid_at, removal=_prune_then_remove
+            ),
+            (
+                "CHTss: sigmoid decay from sparse.initial_density to sparse.density (steepness "
+                "sparse.decay_steepness), pruning by relative importance before each update"
+            ),
+        ),
+    }
+    for name, (rule, text) in rules.items():
+        DENSITY_SCHEDULES.add(name, rule, summary=summary_of(text, rule))
+
+
+_register()

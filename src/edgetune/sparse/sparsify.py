@@ -17,19 +17,21 @@ from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.core.select import make_filter, select_modules
 from edgetune.core.surgery import replace_module
 from edgetune.sparse.config import SparseConfig
-from edgetune.sparse.init import kaiming_active_init, sparse_weight_init
 from edgetune.sparse.layer import SparseLinear
-from edgetune.sparse.topology import (
-    bipartite_receptive_field,
-    bipartite_small_world,
-    correlated_sparse_topology,
-    erdos_renyi,
-    link_count,
+from edgetune.sparse.strategies import (
+    TOPOLOGIES,
+    WEIGHT_INITS,
+    InitContext,
+    TopologyContext,
+    load_rules,
+    rule_options,
 )
+from edgetune.sparse.topology import link_count
 
-__all__ = ["initial_mask", "layer_chains", "sparse_layers", "sparsify_"]
+__all__ = ["initial_mask", "initial_weight", "layer_chains", "sparse_layers", "sparsify_"]
 
 log = logging.getLogger(__name__)
+load_rules()
 
 
 def sparse_layers(model: nn.Module) -> list[tuple[str, SparseLinear]]:
@@ -61,23 +63,58 @@ def _targets(model: nn.Module, cfg: SparseConfig) -> list[tuple[str, nn.Linear]]
     return out
 
 
-def initial_mask(out_f: int, in_f: int, density: float, cfg: SparseConfig, generator: torch.Generator,
-                 train_inputs: torch.Tensor | None = None) -> torch.Tensor:
-    """The initial bool mask ``(out, in)`` with exactly ``round(density*out*in)`` links."""
-    topo = cfg.topology or "er"
-    if topo == "bsw":
-        return bipartite_small_world(out_f, in_f, density, cfg.beta, generator)
-    if topo == "brf":
-        return bipartite_receptive_field(out_f, in_f, density, cfg.brf_r, generator)
-    if topo == "csti" and train_inputs is not None:
-        x = train_inputs.reshape(train_inputs.shape[0], -1)
-        if x.shape[1] == in_f:
-            return correlated_sparse_topology(x[:10_000].double(), out_f, density, generator)
-    return erdos_renyi(out_f, in_f, density, generator)
+def initial_mask(
+    out_f: int,
+    in_f: int,
+    density: float,
+    cfg: SparseConfig,
+    generator: torch.Generator,
+    train_inputs: torch.Tensor | None = None,
+    *,
+    layer: str = "",
+) -> torch.Tensor:
+    """The initial bool mask ``(out, in)`` with exactly ``round(density*out*in)`` links (``cfg.topology``)."""
+    name = cfg.topology or "er"
+    rule = TOPOLOGIES.get(name)
+    ctx = TopologyContext(
+        layer=layer,
+        generator=generator,
+        train_inputs=train_inputs,
+        options=rule_options("topology", name, cfg.topology_options),
+        params={p: getattr(cfg, p) for p in rule.params},
+    )
+    return rule.fn(out_f, in_f, density, ctx)
 
 
-def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator | None = None,
-              train_inputs: torch.Tensor | None = None, masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def initial_weight(
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    density: float,
+    cfg: SparseConfig,
+    generator: torch.Generator,
+    *,
+    layer: str = "",
+) -> torch.Tensor:
+    """Initial values ``(out, in)`` on ``mask`` by ``cfg.weight_init`` (``weight``: the dense layer's, CPU)."""
+    rule = WEIGHT_INITS.get(cfg.weight_init)
+    ctx = InitContext(
+        layer=layer,
+        generator=generator,
+        density=density,
+        weight=weight,
+        options=rule_options("weight_init", cfg.weight_init, cfg.weight_init_options),
+    )
+    return rule.fn(mask, ctx)
+
+
+def sparsify_(
+    model: nn.Module,
+    cfg: SparseConfig,
+    *,
+    generator: torch.Generator | None = None,
+    train_inputs: torch.Tensor | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """Replace the layers ``cfg`` selects by SparseLinear layers; return ``model``.
 
     The initial density is ``cfg.initial_density`` when the method decays density, else ``cfg.density``.
@@ -101,8 +138,10 @@ def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator
     given = dict(masks or {})
     unknown = sorted(set(given) - {n for n, _ in targets})
     if unknown:
-        raise ConfigError(f"sparse: masks given for {unknown}, which are not layers being sparsified; the layers are "
-                          f"{[n for n, _ in targets]}")
+        raise ConfigError(
+            f"sparse: masks given for {unknown}, which are not layers being sparsified; the layers are "
+            f"{[n for n, _ in targets]}"
+        )
     for name, lin in targets:
         out_f, in_f = lin.out_features, lin.in_features
         for what, d in (("initial density", density), ("final density", cfg.density)):
@@ -113,22 +152,25 @@ def sparsify_(model: nn.Module, cfg: SparseConfig, *, generator: torch.Generator
         if name in given:
             mask = _given_mask(name, lin, given[name], density)
         else:
-            mask = initial_mask(out_f, in_f, density, cfg, generator, train_inputs).to(lin.weight.device)
+            mask = initial_mask(out_f, in_f, density, cfg, generator, train_inputs, layer=name).to(
+                lin.weight.device
+            )
         with torch.no_grad():
-            if cfg.weight_init == "swi":
-                w = sparse_weight_init(mask.cpu(), generator, density=density, dtype=lin.weight.dtype)
-            elif cfg.weight_init == "kaiming":
-                w = kaiming_active_init(mask.cpu(), generator).to(lin.weight.dtype)
-            else:
-                w = lin.weight.detach().cpu()
+            w = initial_weight(mask.cpu(), lin.weight.detach().cpu(), density, cfg, generator, layer=name)
             lin.weight.copy_(w.to(lin.weight.device))
         layer = SparseLinear.from_dense(lin, mask, backend=cfg.backend)
         replace_module(model, name, layer)
         log.debug("sparse: %s -> %d links (%.4g density)", name, layer.nnz(), layer.density)
     n = sum(m.nnz() for _, m in sparse_layers(model))
     total = sum(m.in_features * m.out_features for _, m in sparse_layers(model))
-    log.info("sparse (%s): %d layers, %d of %d links (%.3g%%)", cfg.method, len(targets), n, total,
-             100 * n / max(1, total))
+    log.info(
+        "sparse (%s): %d layers, %d of %d links (%.3g%%)",
+        cfg.method,
+        len(targets),
+        n,
+        total,
+        100 * n / max(1, total),
+    )
     return model
 
 
@@ -136,24 +178,42 @@ def _given_mask(name: str, lin: nn.Linear, mask: torch.Tensor, density: float) -
     shape = (lin.out_features, lin.in_features)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ShapeError(f"sparse layer {name!r}: mask shape {got} does not match its weight (out, in) = {shape}; "
-                         f"pass a bool mask of shape {shape}")
+        raise ShapeError(
+            f"sparse layer {name!r}: mask shape {got} does not match its weight (out, in) = {shape}; "
+            f"pass a bool mask of shape {shape}"
+        )
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ShapeError(f"sparse layer {name!r}: the mask must be bool (or 0/1), got dtype {mask.dtype} with other "
-                         "values")
+        raise ShapeError(
+            f"sparse layer {name!r}: the mask must be bool (or 0/1), got dtype {mask.dtype} with other values"
+        )
     mask = mask.to(device=lin.weight.device, dtype=torch.bool)
     want, got_n = link_count(*shape, density), int(mask.sum())
     if got_n != want:
-        raise ConfigError(f"sparse layer {name!r}: the mask holds {got_n} links but density {density:g} means {want}; "
-                          f"set sparse.density (or initial_density) to {got_n / (shape[0] * shape[1]):.6g}, or pass a "
-                          f"mask with {want} links")
+        raise ConfigError(
+            f"sparse layer {name!r}: the mask holds {got_n} links but density {density:g} means {want}; "
+            f"set sparse.density (or initial_density) to {got_n / (shape[0] * shape[1]):.6g}, or pass a "
+            f"mask with {want} links"
+        )
     return mask
 
 
 _CHAIN_PAIRS = (("fc1", "fc2"), ("v_proj", "out_proj"))
 # modules that act on each feature alone: a neuron's output still feeds only its own input downstream
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Mish,
-                nn.Hardtanh, nn.Dropout, nn.Identity, nn.BatchNorm1d)
+_ELEMENTWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Dropout,
+    nn.Identity,
+    nn.BatchNorm1d,
+)
 
 
 def _elementwise_between(model: nn.Module | None, parent: str, lo: int, hi: int) -> bool:
@@ -189,8 +249,9 @@ def layer_chains(layers: list[tuple[str, SparseLinear]], model: nn.Module | None
         members.sort()
         cur = [members[0][1]]
         for (pa, a), (pb, b) in itertools.pairwise(members):
-            if (layers[a][1].out_features == layers[b][1].in_features
-                    and _elementwise_between(model, parent, pa, pb)):
+            if layers[a][1].out_features == layers[b][1].in_features and _elementwise_between(
+                model, parent, pa, pb
+            ):
                 cur.append(b)
             else:
                 if len(cur) > 1:

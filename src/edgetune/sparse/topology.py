@@ -17,7 +17,7 @@ ties, capped degrees); here the count is exact by construction and ties are brok
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -226,3 +226,47 @@ def correlated_sparse_topology(
     else:
         idx = _top_n_random_ties(score, n, generator)
     return _scatter_mask(idx, out_features, in_features)
+
+
+# ----------------------------------------------------------------------------------- registered rules
+def _csti(out_f: int, in_f: int, density: float, ctx: Any) -> torch.Tensor:
+    """CSTI on the layer's inputs when they are the data (first 10,000 samples); Erdős–Rényi otherwise."""
+    if ctx.train_inputs is not None:
+        x = ctx.train_inputs.reshape(ctx.train_inputs.shape[0], -1)
+        if x.shape[1] == in_f:
+            return correlated_sparse_topology(x[:10_000].double(), out_f, density, ctx.generator)
+    return erdos_renyi(out_f, in_f, density, ctx.generator)
+
+
+def _register() -> None:
+    from edgetune.sparse.strategies import TOPOLOGIES, TopologyRule, summary_of
+
+    rules = {
+        "er": (
+            TopologyRule(lambda o, i, d, ctx: erdos_renyi(o, i, d, ctx.generator)),
+            "Erdos-Renyi: uniform random links",
+        ),
+        "bsw": (
+            TopologyRule(
+                lambda o, i, d, ctx: bipartite_small_world(o, i, d, ctx.params["beta"], ctx.generator),
+                params=("beta",),
+            ),
+            "bipartite small world: ring lattice rewired with probability beta",
+        ),
+        "brf": (
+            TopologyRule(
+                lambda o, i, d, ctx: bipartite_receptive_field(o, i, d, ctx.params["brf_r"], ctx.generator),
+                params=("brf_r",),
+            ),
+            "bipartite receptive field: links decay with ring distance (randomness brf_r)",
+        ),
+        "csti": (
+            TopologyRule(_csti, needs_data=True),
+            "correlated sparse topology from the training inputs (layers not fed by the data: er)",
+        ),
+    }
+    for name, (rule, text) in rules.items():
+        TOPOLOGIES.add(name, rule, summary=summary_of(text, rule))
+
+
+_register()
