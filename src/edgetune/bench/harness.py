@@ -174,6 +174,16 @@ def last_run_rows(csv_path: str | os.PathLike[str]) -> list[dict[str, str]]:
     return [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
 
 
+def run_header(row: Mapping[str, str], stamp: str | None = None) -> str:
+    """``Run <timestamp> (<hardware>, <device>, torch <version>, <n> threads, git <sha>, quick=<q>)``: where and how
+    a results row was measured, for the first line of a suite's Markdown table (``stamp`` replaces the timestamp,
+    e.g. with the several timestamps of a run assembled in slices)."""
+    when = stamp if stamp is not None else row.get("timestamp_utc", "?")
+    return (f"Run {when} ({row.get('hardware', '?')}, {row.get('device', '?')}, torch {row.get('torch', '?')}, "
+            f"{row.get('torch_threads', '?')} threads, git {(row.get('git_sha') or '')[:10]}, "
+            f"quick={row.get('quick', '?')})")
+
+
 def _collect(name: str, fn: SuiteFn, stamp: dict[str, Any], dev: torch.device, quick: bool, seed: int,
              opts: dict[str, Any], out_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
     """Run one suite (in a scratch folder unless ``out_dir`` is given); rows merged with ``stamp``."""

@@ -46,6 +46,7 @@ from torch import Tensor
 from edgetune.core.config import Config, validate
 from edgetune.core.errors import ConfigError, ShapeError, did_you_mean
 from edgetune.core.registry import Registry
+from edgetune.incremental.prototypes import check_feature_sets
 
 __all__ = [
     "GATES",
@@ -223,15 +224,9 @@ class NoveltyGate:
 def _check_calibration(val_z: Tensor, val_labels: Tensor, base_protos: Tensor, budget: float, rule: str) -> Tensor:
     """Validate a calibration set, warn when it is too small for ``budget``; return base scores ``(N, Cb)``."""
     budget = check_budget(budget)
-    if base_protos.ndim != 2 or val_z.ndim != 2 or val_z.shape[1] != base_protos.shape[1]:
-        raise ShapeError(f"calibration features {tuple(val_z.shape)} do not match the base prototypes "
-                         f"{tuple(base_protos.shape)}: both must be (N, D) and (Cb, D) from the same backbone")
-    if val_labels.ndim != 1 or len(val_labels) != len(val_z):
-        raise ShapeError(f"calibration labels must be (N,) with features (N, D), got {tuple(val_labels.shape)} "
-                         f"and {tuple(val_z.shape)}")
-    if len(val_z) == 0:
-        raise ConfigError(f"the calibration set of gate {rule!r} is empty: hold out some base training data "
-                          "(e.g. data.val_fraction) to calibrate the threshold on")
+    check_feature_sets(base_protos, (val_z, val_labels, "calibration"),
+                       empty_hint=f"hold out some base training data (e.g. data.val_fraction) to calibrate gate "
+                                  f"{rule!r}'s threshold on")
     wrong = sorted({int(c) for c in val_labels.tolist()} - set(range(len(base_protos))))
     if wrong:
         raise ConfigError(f"a calibration set from the wrong classes: labels {wrong[:10]} are not base classes "

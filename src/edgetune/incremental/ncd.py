@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from edgetune.core.errors import ConfigError, ShapeError
+from edgetune.core.errors import ConfigError
 from edgetune.incremental.gates import NoveltyGate, VanillaGate, check_budget, make_gate
 from edgetune.incremental.metrics import ncr_at_for, sweep_parts
+from edgetune.incremental.prototypes import check_feature_sets
 
 __all__ = ["RULES", "ncd_protocol"]
 
@@ -71,7 +72,7 @@ def ncd_protocol(base_protos: Tensor, val_z: Tensor, val_y: Tensor, base_test_z:
     names = list(dict.fromkeys(r.lower() for r in rules if r.lower() != "vanilla"))
     protos = F.normalize(base_protos.float(), dim=1)
     n_base = len(protos)
-    _check_inputs(protos, (val_z, val_y, "calibration"), (base_test_z, base_test_y, "base test"),
+    check_feature_sets(protos, (val_z, val_y, "calibration"), (base_test_z, base_test_y, "base test"),
                   (novel_train_z, novel_train_y, "novel training"), (novel_test_z, novel_test_y, "novel test"))
     bad = sorted({int(c) for c in base_test_y.tolist()} - set(range(n_base)))
     if bad:
@@ -195,20 +196,6 @@ def ncd_protocol(base_protos: Tensor, val_z: Tensor, val_y: Tensor, base_test_z:
         result["curves"][r] = [[f, n] for f, n in zip(mean_curve[0], mean_curve[1], strict=True)]
     result["summary"] = summary
     return result
-
-
-def _check_inputs(protos: Tensor, *sets: tuple[Tensor, Tensor, str]) -> None:
-    if protos.ndim != 2 or len(protos) == 0:
-        raise ShapeError(f"base prototypes must be (Cb, D) with Cb >= 1, got {tuple(protos.shape)}")
-    for z, y, name in sets:
-        if z.ndim != 2 or z.shape[1] != protos.shape[1]:
-            raise ShapeError(f"{name} features {tuple(z.shape)} do not match the base prototypes "
-                             f"{tuple(protos.shape)}: both must be (N, D) and (Cb, D) from the same backbone")
-        if y.ndim != 1 or len(y) != len(z):
-            raise ShapeError(f"{name} labels must be (N,) with features (N, D), got {tuple(y.shape)} and "
-                             f"{tuple(z.shape)}")
-        if len(z) == 0:
-            raise ConfigError(f"the {name} set is empty")
 
 
 def _quantiles(x: Tensor, levels: Tensor) -> Tensor:

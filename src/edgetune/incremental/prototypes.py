@@ -55,6 +55,22 @@ def cosine_scores(z: Tensor, prototypes: Tensor) -> Tensor:
     return F.normalize(z.to(prototypes.dtype), dim=1) @ prototypes.T
 
 
+def check_feature_sets(prototypes: Tensor, *sets: tuple[Tensor, Tensor, str], empty_hint: str = "") -> None:
+    """Each ``(z (N, D), y (N,), name)`` matches ``prototypes (C, D)`` (C >= 1) and holds examples: a
+    :class:`ShapeError` or :class:`ConfigError` naming the set otherwise (``empty_hint`` says how to fill one)."""
+    if prototypes.ndim != 2 or len(prototypes) == 0:
+        raise ShapeError(f"base prototypes must be (Cb, D) with Cb >= 1, got {tuple(prototypes.shape)}")
+    for z, y, name in sets:
+        if z.ndim != 2 or z.shape[1] != prototypes.shape[1]:
+            raise ShapeError(f"{name} features {tuple(z.shape)} do not match the base prototypes "
+                             f"{tuple(prototypes.shape)}: both must be (N, D) and (Cb, D) from the same backbone")
+        if y.ndim != 1 or len(y) != len(z):
+            raise ShapeError(f"{name} labels must be (N,) with features (N, D), got {tuple(y.shape)} and "
+                             f"{tuple(z.shape)}")
+        if len(z) == 0:
+            raise ConfigError(f"the {name} set is empty" + (f": {empty_hint}" if empty_hint else ""))
+
+
 def teen_calibrate(novel: Tensor, base: Tensor, *, shift: float = 0.1, temperature: float = 16.0) -> Tensor:
     """TEEN: novel prototypes ``(Cn, D)`` moved towards a softmax-weighted mix of the base ones ``(Cb, D)``.
 

@@ -61,6 +61,12 @@ def test_run_suite_appends_rows_and_stamps_env(suites: Registry, tmp_path: Path)
     last = json.loads((tmp_path / "res" / "toy.last.json").read_text())
     assert [r["value"] for r in last["rows"]] == [0, 1]  # this run only
     assert last["environment"]["git_sha"] == "def456"
+    newest = harness.last_run_rows(out)
+    assert [(r["git_sha"], r["i"]) for r in newest] == [("def456", "0"), ("def456", "1")]  # the last run only
+    head = harness.run_header(newest[0])
+    assert head.startswith(f"Run {newest[0]['timestamp_utc']} (Test CPU x2, cpu, torch ")
+    assert "git def456, quick=False)" in head and " threads, " in head
+    assert harness.run_header(newest[0], "t1, t2").startswith("Run t1, t2 (")
 
 
 def test_header_change_keeps_old_rows(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite, run_header
 from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.errors import ConfigError
 from edgetune.data import DataConfig, load_dataset
@@ -242,8 +242,7 @@ def table(csv_path: Path) -> str:
     heads = [h for h in HEADS if any(r["head"] == h for r in run)]
     r0 = run[0]
     stamps = ", ".join(sorted({r["timestamp_utc"] for r in run}))
-    lines = [(f"Run {stamps} ({r0['hardware']}, {r0['device']}, torch {r0['torch']}, git "
-             f"{r0['git_sha'][:10]}, quick={r0['quick']}); backbone seeds "
+    lines = [(f"{run_header(r0, stamps)}; backbone seeds "
              f"{sorted({int(r['backbone_seed']) for r in run})}. Accuracy in %, mean ± std over seeds; episodes: "
              "N-way K-shot, 15 queries, the same episodes for every head; ncm-K: all target classes, K shots each."),
              "", "| source | target | domain | protocol | " + " | ".join(heads)

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
+from edgetune.bench.harness import (
+    DEFAULT_RESULTS_DIR,
+    BenchContext,
+    last_run_rows,
+    register_suite,
+    run_header,
+)
 from edgetune.data import DataConfig, class_incremental_split, load_dataset
 from edgetune.data.batches import take, to_device
 from edgetune.data.splits import IncrementalSplit
@@ -186,13 +192,10 @@ def table(csv_path: Path) -> str:
     run = last_run_rows(csv_path)
     if not run:
         return ""
-    last = (run[0]["timestamp_utc"], run[0]["quick"])
-    stamp = last[0]
     groups: dict[tuple[str, str], list[dict[str, str]]] = {}
     for r in run:
         groups.setdefault((r["protocol"], r["learner"]), []).append(r)
-    lines = [(f"Run {stamp} ({run[0]['hardware']}, torch {run[0]['torch']}, git {run[0]['git_sha'][:10]}, "
-              f"quick={run[0]['quick']}); mean over backbone seeds {sorted({r['backbone_seed'] for r in run})}, "
+    lines = [(f"{run_header(run[0])}; mean over backbone seeds {sorted({r['backbone_seed'] for r in run})}, "
               f"each the mean of {run[0]['draws']} shot draws."), "",
              "| protocol | learner | s0 | last | avg | drop | last base | last novel | last hm |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
+from edgetune.bench.harness import (
+    DEFAULT_RESULTS_DIR,
+    BenchContext,
+    last_run_rows,
+    register_suite,
+    run_header,
+)
 from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.errors import ConfigError, DataError
 from edgetune.data.glyph_instances import (
@@ -187,11 +193,9 @@ def table(csv_path: Path) -> str:
     run = last_run_rows(csv_path)
     if not run:
         return ""
-    last = (run[0]["timestamp_utc"], run[0]["quick"])
     seeds = sorted({int(r["backbone_seed"]) for r in run})
     r0 = run[0]
-    lines = [(f"Run {last[0]} ({r0['hardware']}, {r0['device']}, torch {r0['torch']}, {r0['torch_threads']} threads, "
-              f"git {(r0['git_sha'] or '')[:10]}, quick={r0['quick']}); protocol 1SAS on glyph instances "
+    lines = [(f"{run_header(r0)}; protocol 1SAS on glyph instances "
               f"({r0['objects']} object classes, {r0['sequences']} sequences x {r0['frames']} frames per instance); "
               f"instance accuracy in %, mean ± std over seeds {seeds} (data, backbone and shots); object accuracy "
               "of the nearest object prototype where the object class is predicted."), "",

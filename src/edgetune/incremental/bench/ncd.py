@@ -10,7 +10,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, last_run_rows, register_suite
+from edgetune.bench.harness import (
+    DEFAULT_RESULTS_DIR,
+    BenchContext,
+    last_run_rows,
+    register_suite,
+    run_header,
+)
 from edgetune.data import DataConfig, load_dataset
 from edgetune.incremental.bench.backbones import fit_backbone
 from edgetune.incremental.bench.fscil import PROTOCOLS, QUICK, merge_options
@@ -40,9 +46,8 @@ def table(csv_path: Path) -> str:
     run = last_run_rows(csv_path)
     if not run:
         return ""
-    last = (run[0]["timestamp_utc"], run[0]["quick"])
-    lines = [(f"Run {last[0]} ({run[0]['hardware']}, torch {run[0]['torch']}, quick={last[1]}); one novel class at "
-              f"a time from {run[0]['shots']} example(s), {run[0]['draws']} draws per class; mean +/- std over "
+    lines = [(f"{run_header(run[0])}; one novel class at a time from {run[0]['shots']} example(s), "
+              f"{run[0]['draws']} draws per class; mean +/- std over "
               f"backbone seeds {sorted({r['backbone_seed'] for r in run})}; FOR and NCR in points."), "",
              "| protocol | rule | budget | realised FOR | NCR | oracle NCR@budget | calibration samples |",
              "|---|---|---|---|---|---|---|"]

@@ -11,7 +11,6 @@ over one episode (``personal`` objects, their queries and negative queries), and
 
 from __future__ import annotations
 
-import csv
 import logging
 import statistics
 import time
@@ -24,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_suite
+from edgetune.bench.harness import (
+    DEFAULT_RESULTS_DIR,
+    BenchContext,
+    last_run_rows,
+    register_suite,
+    run_header,
+)
 from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.errors import ConfigError
 from edgetune.data.scenes import ScenesConfig, SearchEpisode, search_episode
@@ -154,15 +159,11 @@ def write_plot(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
 
 def table(csv_path: Path) -> str:
     """Markdown of the last run in the CSV: one line per (setting, method)."""
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+    run = last_run_rows(csv_path)
+    if not run:
         return ""
-    last = (rows[-1]["timestamp_utc"], rows[-1]["quick"])
-    run = [r for r in rows if (r["timestamp_utc"], r["quick"]) == last]
     r0 = run[0]
-    head = (f"Run {last[0]} ({r0['hardware']}, {r0['device']}, torch {r0['torch']}, {r0['torch_threads']} threads, "
-            f"git {(r0['git_sha'] or '')[:10]}, quick={r0['quick']}): {r0['personal']} personal objects, "
+    head = (f"{run_header(r0)}: {r0['personal']} personal objects, "
             f"{int(float(r0['queries']))} query scenes ({int(float(r0['positives']))} with a personal object), "
             f"seed {r0['seed']}. Class-averaged; latency = one query image (features + search over all supports), "
             "median.")

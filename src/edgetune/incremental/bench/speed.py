@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgetune.bench.harness import BenchContext, last_run_rows, register_suite
+from edgetune.bench.harness import BenchContext, last_run_rows, register_suite, run_header
 from edgetune.incremental.features import Backbone
 from edgetune.incremental.learner import IncrementalLearner
 from edgetune.models import MLP, ConvNet
@@ -53,9 +53,8 @@ def table(csv_path: Path) -> str:
     run = last_run_rows(csv_path)
     if not run:
         return ""
-    last = (run[0]["timestamp_utc"], run[0]["quick"])
-    lines = [(f"Run {last[0]} ({run[0]['hardware']}, torch {run[0]['torch']}, {run[0]['torch_threads']} threads, "
-              f"quick={last[1]}); {run[0]['known_classes']} known classes, {run[0]['shots']}-shot new class, median "
+    lines = [(f"{run_header(run[0])}; {run[0]['known_classes']} known classes, {run[0]['shots']}-shot new class, "
+              "median "
               f"of {run[0]['repeats']} repeats."), "",
              ("| backbone | dim | add a class (ms) | of which learner (ms) | predict one image (ms) | of which learner "
               "(ms) | backbone forward (ms) |"), "|---|---|---|---|---|---|---|"]
