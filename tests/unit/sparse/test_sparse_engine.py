@@ -54,8 +54,13 @@ def test_sparsify_errors_name_the_problem():
 
 
 def state_for(model, opt, steps_per_epoch=10, total=100) -> TrainState:
-    return TrainState(model=model, optimizer=opt, device=torch.device("cpu"), total_steps=total,
-                      steps_per_epoch=steps_per_epoch)
+    return TrainState(
+        model=model,
+        optimizer=opt,
+        device=torch.device("cpu"),
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def train_steps(model, opt, engine, n, seed=0):
@@ -76,69 +81,7 @@ def train_steps(model, opt, engine, n, seed=0):
     return st
 
 
-@pytest.mark.parametrize("method", ["static", "set", "rigl", "cht", "chts", "chtss"])
-def test_update_invariants_for_every_method(method, monkeypatch):
-    # zeta 0.5 on small layers: some links are removed and regrown in the same update (a new link all the same)
-    model = sparsify_(mlp(), cfg(method=method, update_interval=3, update_unit="steps", zeta=0.5))
-    engine = SparseEngine(model, cfg(method=method, update_interval=3, update_unit="steps", zeta=0.5))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train_steps(model, opt, engine, 2)  # moments exist before the first update
-    before = {n: (l.mask().clone(), l.to_dense_weight().clone(), opt.state[l.values]["exp_avg"].clone(),
-                  l.indices.clone()) for n, l in sparse_layers(model)}
-    regrown: dict[int, torch.Tensor] = {}  # layer id -> dense mask of the links the engine regrew
-    set_topology = SparseLinear.set_topology
-
-    def spy(self, idx, vals, optimizer=None, fresh=None):
-        grown = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
-        if fresh is not None:
-            grown[idx[0][fresh], idx[1][fresh]] = True
-        regrown[id(self)] = grown
-        return set_topology(self, idx, vals, optimizer, fresh)
-
-    monkeypatch.setattr(SparseLinear, "set_topology", spy)
-    x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
-    nn.functional.cross_entropy(model(x), y).backward()  # the update batch (RigL reads its gradient)
-    stats = engine.update(3, opt) if method != "static" else None
-    back = 0
-    for name, layer in sparse_layers(model):
-        mask0, w0, m0, idx0 = before[name]
-        mask = layer.mask()
-        target = link_count(layer.out_features, layer.in_features, engine.density_at(3))
-        assert layer.nnz() == target == int(mask.sum())
-        assert layer.indices.unique(dim=1).shape[1] == layer.nnz()  # no duplicate links
-        w = layer.to_dense_weight()
-        grown = regrown.get(id(layer), torch.zeros_like(mask))
-        assert not torch.any(mask & ~mask0 & ~grown), "every link absent before the update was regrown"
-        back += int((grown & mask0).sum())
-        kept = mask & ~grown
-        assert torch.all(w[grown] == 0), "regrown links start at zero, also those removed in this update"
-        assert torch.equal(w[kept], w0[kept]), "surviving links keep their weights"
-        assert torch.all(w[~mask] == 0)
-        ex = torch.zeros_like(w)
-        ex[layer.indices[0].long(), layer.indices[1].long()] = opt.state[layer.values]["exp_avg"]
-        assert torch.all(ex[grown] == 0), "optimizer moments of regrown links are zero"
-        old = torch.zeros_like(w)
-        old[idx0[0].long(), idx0[1].long()] = m0
-        assert torch.equal(ex[kept], old[kept]), "moments follow the surviving links"
-    if stats is not None:
-        assert stats["sparse_removed"] > 0
-    if method in ("set", "cht", "chts"):
-        assert back > 0, "the case of a link removed and regrown in one update was not exercised"
-
-
-def masks_after(seed: int, method="chts"):
-    model = sparsify_(mlp(seed=1), cfg(method=method, seed=seed, update_interval=2, update_unit="steps"))
-    engine = SparseEngine(model, cfg(method=method, seed=seed, update_interval=2, update_unit="steps"))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    train_steps(model, opt, engine, 7)
-    assert engine.updates == 3
-    return [l.mask() for _, l in sparse_layers(model)]
-
-
-def test_topology_decisions_are_seeded():
-    a, b, c = masks_after(1), masks_after(1), masks_after(2)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+# the update invariants and seeded determinism of every method and rule: test_strategies.py (loops the registries)
 
 
 def test_chtss_decays_density_to_target_by_the_stop():
@@ -213,9 +156,17 @@ def blobs(n=200, seed=0):
 
 
 def tcfg(**kw):
-    return validate(TrainConfig, {"epochs": 4, "batch_size": 20, "progress": False,
-                                  "optimizer": {"name": "adam", "lr": 0.01},
-                                  "checkpoint": {"every_steps": 7, "keep_last": 50}, **kw})
+    return validate(
+        TrainConfig,
+        {
+            "epochs": 4,
+            "batch_size": 20,
+            "progress": False,
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "checkpoint": {"every_steps": 7, "keep_last": 50},
+            **kw,
+        },
+    )
 
 
 def test_resume_restores_masks_and_schedule_state(tmp_path):
@@ -223,8 +174,15 @@ def test_resume_restores_masks_and_schedule_state(tmp_path):
 
     def trainer(run_dir, extra=()):
         model = sparsify_(mlp(), c)
-        return Trainer(model, blobs(), tcfg(), test=blobs(50, 1), callbacks=[SparseEngine(model, c), *extra],
-                       run_dir=run_dir, seed=0)
+        return Trainer(
+            model,
+            blobs(),
+            tcfg(),
+            test=blobs(50, 1),
+            callbacks=[SparseEngine(model, c), *extra],
+            run_dir=run_dir,
+            seed=0,
+        )
 
     ref = trainer(tmp_path / "a", [Callback()])
     ref.fit()
@@ -247,7 +205,9 @@ def test_resume_restores_masks_and_schedule_state(tmp_path):
 
     other = SparseConfig(method="chts", density=0.3, update_interval=5, update_unit="steps", seed=3)
     model = sparsify_(mlp(), other)
-    wrong = Trainer(model, blobs(), tcfg(), callbacks=[SparseEngine(model, other), Callback()], run_dir=tmp_path / "b")
+    wrong = Trainer(
+        model, blobs(), tcfg(), callbacks=[SparseEngine(model, other), Callback()], run_dir=tmp_path / "b"
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match="density"):
         wrong.resume()
