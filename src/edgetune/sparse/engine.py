@@ -128,6 +128,8 @@ class SparseEngine(Callback):
             )
         self.chains = layer_chains(self.layers, model)  # active neurons are measured for every method
         self.tails = _hidden_tails(model, self.layers, self.chains)
+        seen = [i for chain in self.chains for i in chain]
+        self._shared = {i: seen.count(i) > 1 for i in seen}  # layers in more than one chain
         if self.cfg.percolation and not self.chains:
             log.warning(
                 "sparse: percolation is on but no chain of sparse layers was found (%s); nothing will be "
@@ -268,10 +270,16 @@ class SparseEngine(Callback):
 
     def _percolate(self, work: list[_LayerUpdate]) -> None:
         """Percolation step: cut hidden neurons left without inputs or outputs along every chain."""
-        for chain in self.chains if self.cfg.percolation else []:
-            res = percolate([work[i].mask for i in chain])
-            for i, m in zip(chain, res.masks):
-                work[i].mask = m
+        changed = bool(self.cfg.percolation)
+        while (
+            changed
+        ):  # chains that share a layer (gate_proj and up_proj -> down_proj) repeat to a fixed point
+            changed = False
+            for chain in self.chains:
+                res = percolate([work[i].mask for i in chain])
+                for i, m in zip(chain, res.masks):
+                    changed |= bool(self._shared.get(i)) and not torch.equal(m, work[i].mask)
+                    work[i].mask = m
 
     def _regrow(
         self, step: int, i: int, u: _LayerUpdate, optimizer: torch.optim.Optimizer | None

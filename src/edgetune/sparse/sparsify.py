@@ -197,7 +197,21 @@ def _given_mask(name: str, lin: nn.Linear, mask: torch.Tensor, density: float) -
     return mask
 
 
-_CHAIN_PAIRS = (("fc1", "fc2"), ("v_proj", "out_proj"))
+# (first, second) paths under one parent module where first's outputs are second's inputs, neuron for neuron:
+# MLPs (fc1/fc2), attention values to the output projection, Hugging Face GPT-2 (c_fc/c_proj, as Linear),
+# Llama/Mistral/Qwen gated MLPs (gate_proj and up_proj both feed down_proj: a hidden neuron dies when either
+# of its input rows or its down_proj column is empty), Llama attention (v_proj/o_proj, when the head counts
+# match), BERT (intermediate.dense/output.dense, attention.self.value/attention.output.dense)
+_CHAIN_PAIRS = (
+    ("fc1", "fc2"),
+    ("v_proj", "out_proj"),
+    ("v_proj", "o_proj"),
+    ("c_fc", "c_proj"),
+    ("gate_proj", "down_proj"),
+    ("up_proj", "down_proj"),
+    ("intermediate.dense", "output.dense"),
+    ("attention.self.value", "attention.output.dense"),
+)
 # modules that act on each feature alone: a neuron's output still feeds only its own input downstream
 _ELEMENTWISE = (
     nn.ReLU,
@@ -232,8 +246,10 @@ def layer_chains(layers: list[tuple[str, SparseLinear]], model: nn.Module | None
 
     Recognised: numbered children of one container with matching sizes, either consecutive
     (``layers.0 -> layers.1 -> ...``) or, given ``model``, separated only by per-feature modules
-    (``nn.Sequential(Linear, ReLU, Dropout, Linear)``); and the pairs fc1 -> fc2 and v_proj -> out_proj
-    under one parent.
+    (``nn.Sequential(Linear, ReLU, Dropout, Linear)``); and, under one parent, the pairs fc1 -> fc2,
+    v_proj -> out_proj / o_proj, and the Hugging Face names c_fc -> c_proj (GPT-2), gate_proj -> down_proj
+    and up_proj -> down_proj (Llama: two chains share down_proj), intermediate.dense -> output.dense and
+    attention.self.value -> attention.output.dense (BERT).
     """
     info = []
     for i, (name, m) in enumerate(layers):
@@ -261,10 +277,10 @@ def layer_chains(layers: list[tuple[str, SparseLinear]], model: nn.Module | None
             chains.append(cur)
     names = {name: i for i, (name, _) in enumerate(layers)}
     for name, i in names.items():
-        parent, _, leaf = name.rpartition(".")
         for first, second in _CHAIN_PAIRS:
-            if leaf == first:
-                j = names.get(f"{parent}.{second}" if parent else second)
+            if name == first or name.endswith("." + first):
+                parent = name[: len(name) - len(first)]  # "" or "prefix."
+                j = names.get(parent + second)
                 if j is not None and layers[i][1].out_features == layers[j][1].in_features:
                     chains.append([i, j])
     return chains
