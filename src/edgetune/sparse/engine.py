@@ -1,12 +1,15 @@
 """``SparseEngine``: the training-loop callback that evolves the topology of every SparseLinear.
 
 At each update step (every ``update_interval`` steps or epochs, until ``stop_fraction`` of training)
-and for every sparse layer: prune to the scheduled density by relative importance (density decay only),
-remove ``floor(zeta_t * nnz)`` links by the removal rule, cut dead neurons along the layer chains
-(percolation), then regrow back to the scheduled density by the regrowth rule, new links at zero.
+and for every sparse layer, three steps: **remove** (prune to the scheduled density by relative importance
+when the density schedule decays, then cut the links the removal rule picks, ``floor(zeta_t * nnz)`` by
+default), **percolate** (cut dead neurons along the layer chains, to a fixed point), **regrow** (back to the
+scheduled density by the regrowth rule, new links at zero). The rules are looked up by name in the
+registries of :mod:`edgetune.sparse.strategies` (removal, regrowth, density schedule; ``edgetune ls
+methods``); a rule flagged ``needs_gradients`` gets the dense gradient of the batch before the update.
 The optimizer state follows the links (surviving links keep their moments, new ones start at zero).
-Every random decision uses a generator seeded by (seed, step, layer), so all DDP ranks agree; RigL's
-dense gradients are averaged across ranks before they are used. Removal, scoring and sampling run on the
+Every random decision uses a generator seeded by (seed, step, layer), so all DDP ranks agree; dense
+gradients are averaged across ranks before they are used. Removal, scoring and sampling run on the
 CPU whatever the layer's device (the decisions are then the same on every device; the predictors
 themselves also run on CUDA when called directly); a GPU run pays one dense (out, in) transfer per layer
 per update.
@@ -14,7 +17,6 @@ per update.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -27,16 +29,17 @@ from edgetune.core.errors import CheckpointError, ConfigError
 from edgetune.core.hooks import Callback, TrainState
 from edgetune.sparse.config import SparseConfig
 from edgetune.sparse.layer import SparseLinear
-from edgetune.sparse.percolation import percolate
+from edgetune.sparse.percolation import active_neuron_fraction, percolate
 from edgetune.sparse.removal import relative_importance_removal
 from edgetune.sparse.schedules import cosine_zeta, removal_temperature, stop_step, update_due
-from edgetune.sparse.sparsify import layer_chains, sparse_layers
+from edgetune.sparse.sparsify import hidden_tails, layer_chains, sparse_layers
 from edgetune.sparse.strategies import (
     DENSITY_SCHEDULES,
     REGROWTHS,
     REMOVALS,
     RuleContext,
     ScheduleContext,
+    apply_rule,
     load_rules,
 )
 from edgetune.sparse.topology import link_count
@@ -44,39 +47,6 @@ from edgetune.sparse.topology import link_count
 __all__ = ["SparseEngine", "active_neuron_fraction"]
 
 log = logging.getLogger(__name__)
-
-
-def active_neuron_fraction(
-    masks: list[torch.Tensor], chains: list[list[int]], tails: list[int] = ()
-) -> float:
-    """Fraction of hidden neurons that carry signal.
-
-    Counted: the neurons between consecutive layers of a chain (active with at least one input and one
-    output link), and the outputs of the ``tails`` layers, hidden neurons that feed a dense layer such as
-    an MLP's classifier head (active with at least one input link).
-    """
-    alive = total = 0
-    for chain in chains:
-        for a, b in itertools.pairwise(chain):
-            ok = masks[a].any(dim=1) & masks[b].any(dim=0)
-            alive += int(ok.sum())
-            total += ok.numel()
-    for t in tails:
-        alive += int(masks[t].any(dim=1).sum())
-        total += masks[t].shape[0]
-    return alive / total if total else 1.0
-
-
-def _hidden_tails(model: nn.Module, layers: list[tuple[str, Any]], chains: list[list[int]]) -> list[int]:
-    """Last layers of numbered chains (MLP stacks) whose outputs are hidden: not the model's last Linear."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear))]
-    last = linears[-1] if linears else None
-    tails = []
-    for chain in chains:
-        name = layers[chain[-1]][0]
-        if name.rpartition(".")[2].isdigit() and name != last:
-            tails.append(chain[-1])
-    return tails
 
 
 @dataclass
@@ -127,7 +97,7 @@ class SparseEngine(Callback):
                 "SparseEngine: the model has no SparseLinear layer; call sparsify_(model, cfg) first"
             )
         self.chains = layer_chains(self.layers, model)  # active neurons are measured for every method
-        self.tails = _hidden_tails(model, self.layers, self.chains)
+        self.tails = hidden_tails(model, self.layers, self.chains)
         seen = [i for chain in self.chains for i in chain]
         self._shared = {i: seen.count(i) > 1 for i in seen}  # layers in more than one chain
         if self.cfg.percolation and not self.chains:
@@ -265,7 +235,15 @@ class SparseEngine(Callback):
             mask &= ~relative_importance_removal(w, mask, pruned)
         if k and not self.frozen[i] and self.regrowth.evolves:
             ctx = self._rule_context(step, i, name, gen, temp, "removal")
-            mask &= ~self.removal.fn(w.cpu(), mask.cpu(), k, ctx).to(mask.device)
+            rem = apply_rule(
+                "removal",
+                self.cfg.removal,
+                name,
+                k,
+                mask,
+                lambda: self.removal.fn(w.cpu(), mask.cpu(), k, ctx),
+            )
+            mask &= ~rem.to(mask.device)
         return _LayerUpdate(name=name, layer=layer, weight=w, old=old, mask=mask, target=target)
 
     def _percolate(self, work: list[_LayerUpdate]) -> None:
@@ -292,7 +270,9 @@ class SparseEngine(Callback):
         gen = self._generator(step, i + 7919, torch.device("cpu"))
         if k:
             ctx = self._rule_context(step, i, u.name, gen, 0.0, "regrowth")
-            new = self.regrowth.fn(mask.cpu(), k, ctx).to(mask.device)
+            new = apply_rule(
+                "regrowth", self.cfg.regrowth, u.name, k, mask, lambda: self.regrowth.fn(mask.cpu(), k, ctx)
+            ).to(mask.device)
         else:
             new = torch.zeros_like(mask)
         final = mask | new

@@ -14,6 +14,7 @@ full ``True`` mask for a dense layer (e.g. a dense classifier) so that the chain
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ import torch
 
 from edgetune.core.errors import ShapeError
 
-__all__ = ["PercolationResult", "percolate"]
+__all__ = ["PercolationResult", "active_neuron_fraction", "percolate"]
 
 
 class PercolationResult(NamedTuple):
@@ -85,3 +86,24 @@ def percolate(masks: Sequence[torch.Tensor]) -> PercolationResult:
         float((new[h].any(dim=1) & new[h + 1].any(dim=0)).float().mean().item()) for h in range(len(new) - 1)
     ]
     return PercolationResult(masks=new, removed=removed, active_fraction=active)
+
+
+def active_neuron_fraction(
+    masks: list[torch.Tensor], chains: list[list[int]], tails: list[int] = ()
+) -> float:
+    """Fraction of hidden neurons that carry signal.
+
+    Counted: the neurons between consecutive layers of a chain (active with at least one input and one
+    output link), and the outputs of the ``tails`` layers, hidden neurons that feed a dense layer such as
+    an MLP's classifier head (active with at least one input link).
+    """
+    alive = total = 0
+    for chain in chains:
+        for a, b in itertools.pairwise(chain):
+            ok = masks[a].any(dim=1) & masks[b].any(dim=0)
+            alive += int(ok.sum())
+            total += ok.numel()
+    for t in tails:
+        alive += int(masks[t].any(dim=1).sum())
+        total += masks[t].shape[0]
+    return alive / total if total else 1.0

@@ -28,7 +28,7 @@ from edgetune.sparse.strategies import (
 )
 from edgetune.sparse.topology import link_count
 
-__all__ = ["initial_mask", "initial_weight", "layer_chains", "sparse_layers", "sparsify_"]
+__all__ = ["hidden_tails", "initial_mask", "initial_weight", "layer_chains", "sparse_layers", "sparsify_"]
 
 log = logging.getLogger(__name__)
 load_rules()
@@ -284,3 +284,17 @@ def layer_chains(layers: list[tuple[str, SparseLinear]], model: nn.Module | None
                 if j is not None and layers[i][1].out_features == layers[j][1].in_features:
                     chains.append([i, j])
     return chains
+
+
+def hidden_tails(
+    model: nn.Module, layers: list[tuple[str, SparseLinear]], chains: list[list[int]]
+) -> list[int]:
+    """Last layers of numbered chains (MLP stacks) whose outputs are hidden: not the model's last Linear."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SparseLinear))]
+    last = linears[-1] if linears else None
+    tails = []
+    for chain in chains:
+        name = layers[chain[-1]][0]
+        if name.rpartition(".")[2].isdigit() and name != last:
+            tails.append(chain[-1])
+    return tails

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from edgetune.core.config import Config
-from edgetune.core.errors import ConfigError
+from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.core.registry import Registry
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "TopologyContext",
     "TopologyRule",
     "WeightInit",
+    "apply_rule",
     "load_rules",
     "rule_options",
     "summary_of",
@@ -248,3 +249,29 @@ def check_name(kind: str, value: str | None) -> str | None:
             f"Choose one of: {', '.join(reg.names())} (edgetune ls methods)"
         )
     return v
+
+
+def apply_rule(
+    kind: str, rule: str, layer: str, k: int, mask: torch.Tensor, call: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """Run a removal or regrowth ``call``; name ``layer`` in its refusals and check the mask it returns.
+
+    Removal must return exactly ``k`` active links, regrowth exactly ``k`` inactive ones: a rule doing
+    otherwise would break the density, so it is refused here with the layer, the counts and the fix.
+    """
+    try:
+        out = call()
+    except (ConfigError, ShapeError) as err:
+        if repr(layer) in str(err):
+            raise
+        raise type(err)(f"sparse layer {layer!r} ({kind} {rule!r}): {err}") from None
+    removal = kind == "removal"
+    wrong = (out.cpu() & ~mask.cpu()) if removal else (out.cpu() & mask.cpu())
+    if out.dtype != torch.bool or out.shape != mask.shape or int(out.sum()) != k or bool(wrong.any()):
+        raise ConfigError(
+            f"sparse layer {layer!r}: {kind} rule {rule!r} returned {int(out.sum())} links ({int(wrong.sum())} of "
+            f"them {'inactive' if removal else 'already active'}) of shape {tuple(out.shape)} and dtype {out.dtype} "
+            f"where exactly k={k} {'active' if removal else 'inactive'} links of shape {tuple(mask.shape)} (bool) "
+            "were asked; fix the rule (edgetune.sparse.strategies documents the contract)"
+        )
+    return out

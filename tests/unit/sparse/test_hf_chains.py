@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -107,14 +105,18 @@ def test_gated_mlp_percolates_to_a_fixed_point_across_both_chains():
     engine.on_fit_start(
         TrainState(model=model, optimizer=opt, device=torch.device("cpu"), total_steps=10, steps_per_epoch=5)
     )
-    # no regrowth, so that the masks after the update are those of removal + percolation
-    engine.regrowth = dataclasses.replace(engine.regrowth, fn=lambda m, k, ctx: torch.zeros_like(m))
+    after: dict[str, torch.Tensor] = {}  # masks right after removal + percolation, before regrowth
+    percolate = engine._percolate
+
+    def spy(work):
+        percolate(work)
+        after.update({u.name: u.mask.clone() for u in work})
+
+    engine._percolate = spy
     engine.update(1, opt)
     for b in (0, 1):
-        gate, upm, down = (
-            named[f"model.layers.{b}.mlp.{n}"].mask() for n in ("gate_proj", "up_proj", "down_proj")
-        )
+        gate, upm, down = (after[f"model.layers.{b}.mlp.{n}"] for n in ("gate_proj", "up_proj", "down_proj"))
         g, u, d = gate.any(dim=1), upm.any(dim=1), down.any(dim=0)
         assert torch.equal(g, d) and torch.equal(u, d), "a hidden neuron is half connected after percolation"
-    assert not named["model.layers.0.mlp.gate_proj"].mask()[5].any()
-    assert not named["model.layers.0.mlp.down_proj"].mask()[:, 5].any()
+    assert not after["model.layers.0.mlp.gate_proj"][5].any()
+    assert not after["model.layers.0.mlp.down_proj"][:, 5].any()
