@@ -9,6 +9,9 @@ deltas; smaller models tolerate less. Density 1 is task arithmetic exactly.
 
 The drops of model ``i`` on the tensor ``name`` come from a CPU ``torch.Generator`` seeded by ``(seed,
 crc32(name), i)``: the same for every run, device and tensor order, so a streaming merge gives the same result.
+Large tensors are merged slice by slice (:func:`~edgetune.merging.task_arithmetic.row_chunks`), each model's
+generator drawing the slices' drops in order: the same numbers as one draw for the whole tensor, so the same result
+with a working set of a few slices per input.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from edgetune.merging.base import Merger
 from edgetune.merging.config import MERGERS, MergeConfig
-from edgetune.merging.task_arithmetic import add_task_vectors, task_vectors
+from edgetune.merging.task_arithmetic import add_task_vectors, row_chunks, rows_of, task_vectors
 from edgetune.merging.ties import elect_and_mean
 
 __all__ = ["DareConfig", "DareMerger", "dare_drop", "dare_generator"]
@@ -66,12 +69,19 @@ class DareMerger(Merger):
 
     def combine(self, name: str, xs: list[Tensor], base: Tensor | None) -> Tensor:
         assert base is not None
-        cfg = self.cfg
-        taus = [dare_drop(t, cfg.density, dare_generator(cfg.seed, name, i))
-                for i, t in enumerate(task_vectors(xs, base))]
-        if cfg.combine == "ties":
-            return elect_and_mean(base, taus, self.weights(len(xs)), cfg.scaling, disjoint_mean=cfg.disjoint_mean)
-        return add_task_vectors(base, taus, self.weights(len(xs)), cfg.scaling)
+        cfg, w = self.cfg, self.weights(len(xs))
+        gens = [dare_generator(cfg.seed, name, i) for i in range(len(xs))]
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        rows, b_rows, x_rows = rows_of(out), rows_of(base), [rows_of(x) for x in xs]
+        for sl in row_chunks(rows.shape):  # each generator draws its slices in order: one whole draw's numbers
+            b = b_rows[sl]
+            taus = [dare_drop(t, cfg.density, g) for t, g in zip(task_vectors([x[sl] for x in x_rows], b), gens,
+                                                                 strict=True)]
+            if cfg.combine == "ties":
+                rows[sl] = elect_and_mean(b, taus, w, cfg.scaling, disjoint_mean=cfg.disjoint_mean)
+            else:
+                rows[sl] = add_task_vectors(b, taus, w, cfg.scaling)
+        return out
 
 
 MERGERS.add("dare", DareMerger, config=DareConfig, keep_all={"density": 1.0}, as_task_arithmetic={"density": 1.0},

@@ -10,11 +10,18 @@ On the task vectors ``tau_i = theta_i - theta_0`` of one tensor, three steps:
 
 ``theta = theta_0 + scaling * merged``. ``elect_sign: false`` skips step 2 (every nonzero entry counts) and
 ``disjoint_mean: false`` sums instead of averaging; with both off and density 1 this is task arithmetic exactly.
+
+Memory: step 1 needs each task vector's k-th largest magnitude over the whole tensor (:func:`magnitude_cuts`,
+computed in the merge's output buffer before it is filled); steps 1-3 then run on slices of rows
+(:func:`~edgetune.merging.task_arithmetic.row_chunks`), a :class:`MagnitudeCut` deciding each slice's kept entries
+exactly as :func:`top_magnitude_mask` does on the whole tensor. A large tensor's working set is thus the output plus
+a few slices per input, not several whole copies per input; the result is the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,9 +30,10 @@ from torch import Tensor
 
 from edgetune.merging.base import Merger
 from edgetune.merging.config import MERGERS, MergeConfig
-from edgetune.merging.task_arithmetic import add_task_vectors, task_vectors
+from edgetune.merging.task_arithmetic import add_task_vectors, row_chunks, rows_of, task_vectors
 
-__all__ = ["TiesConfig", "TiesMerger", "count_of", "elect_and_mean", "top_magnitude_mask", "trim"]
+__all__ = ["MagnitudeCut", "TiesConfig", "TiesMerger", "count_of", "elect_and_mean", "magnitude_cuts",
+           "top_magnitude_mask", "trim"]
 
 
 class TiesConfig(MergeConfig):
@@ -57,6 +65,56 @@ def top_magnitude_mask(x: Tensor, k: int) -> Tensor:
     tie = a == threshold
     take = tie & (tie.cumsum(0) <= k - above.sum())  # the first ties, by index, up to k in all
     return (above | take).view_as(x)
+
+
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """The ``k`` entries of largest magnitude of a tensor of ``n`` entries, decided one slice at a time: those above
+    ``threshold`` (the k-th largest magnitude; ``above`` of them in the whole tensor), then the first
+    ``k - above`` entries equal to it in flat order (what :func:`top_magnitude_mask` keeps)."""
+
+    k: int
+    n: int
+    threshold: Tensor | None = None  # 0-d, None when k is 0 or n (nothing to compare)
+    above: int = 0
+
+    def mask(self, a: Tensor, ties_before: int) -> tuple[Tensor, int]:
+        """The kept entries of a slice whose magnitudes are ``a`` (``ties_before``: entries equal to the threshold in
+        the slices before it), and how many entries equal to the threshold it holds."""
+        if self.k >= self.n or self.k <= 0:
+            return torch.full_like(a, self.k > 0, dtype=torch.bool), 0
+        assert self.threshold is not None
+        keep = a > self.threshold
+        need = self.k - self.above - ties_before
+        if need <= 0:
+            return keep, 0
+        tie = (a == self.threshold).flatten()
+        take = tie & (tie.cumsum(0) <= need)  # the first ties, by flat index, up to k in all
+        return keep | take.view_as(a), int(tie.sum())
+
+
+def magnitude_cuts(scratch: Tensor, ks: Sequence[int]) -> list[MagnitudeCut]:
+    """One :class:`MagnitudeCut` per count in ``ks``, from ``scratch``: the magnitudes ``|x|`` of the whole tensor,
+    contiguous, which this reorders in place (a CPU float32/float64 tensor is partitioned by numpy without a copy;
+    others go through ``torch.kthvalue``)."""
+    flat = scratch.view(-1)
+    n = flat.numel()
+    inner = sorted({n - k for k in ks if 0 < k < n})
+    thresholds: dict[int, Tensor] = {}
+    if inner and flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        flat.numpy().partition(inner)  # in place: position j now holds the (j+1)-th smallest
+        thresholds = {j: flat[j].clone() for j in inner}
+    else:
+        thresholds = {j: flat.kthvalue(j + 1).values for j in inner}
+    out = []
+    for k in ks:
+        t = thresholds.get(n - k)
+        if t is None:
+            out.append(MagnitudeCut(k, n))
+            continue
+        above = sum(int((flat[sl] > t).sum()) for sl in row_chunks(flat.shape))
+        out.append(MagnitudeCut(k, n, t, above))
+    return out
 
 
 def trim(tau: Tensor, density: float) -> Tensor:
@@ -94,9 +152,23 @@ class TiesMerger(Merger):
 
     def combine(self, name: str, xs: list[Tensor], base: Tensor | None) -> Tensor:
         assert base is not None
-        taus = [trim(t, self.cfg.density) for t in task_vectors(xs, base)]
-        return elect_and_mean(base, taus, self.weights(len(xs)), self.cfg.scaling, self.cfg.elect_sign,
-                              self.cfg.disjoint_mean)
+        cfg, w = self.cfg, self.weights(len(xs))
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        cuts = None
+        if cfg.density < 1:  # each task vector's cut over the whole tensor, with the output as scratch
+            k = max(1, count_of(cfg.density, base.numel()))
+            cuts = [magnitude_cuts(torch.sub(x, base, out=out).abs_(), [k])[0] for x in xs]
+        rows, b_rows, x_rows = rows_of(out), rows_of(base), [rows_of(x) for x in xs]
+        seen = [0] * len(xs)
+        for sl in row_chunks(rows.shape):
+            taus = task_vectors([x[sl] for x in x_rows], b_rows[sl])
+            if cuts is not None:
+                for i, tau in enumerate(taus):
+                    keep, ties = cuts[i].mask(tau.abs(), seen[i])
+                    seen[i] += ties
+                    tau.masked_fill_(~keep, 0)
+            rows[sl] = elect_and_mean(b_rows[sl], taus, w, cfg.scaling, cfg.elect_sign, cfg.disjoint_mean)
+        return out
 
 
 MERGERS.add("ties", TiesMerger, config=TiesConfig, keep_all={"density": 1.0},

@@ -245,3 +245,69 @@ def test_model_stock_guards(caplog: pytest.LogCaptureFixture) -> None:
         out1 = merge([two], {"method": "model_stock"}, base={"a": torch.zeros(4), "b": torch.zeros(4)})
     assert torch.equal(out1["a"], up["w"]) and torch.equal(out1["b"], down["w"])
     assert sum("at least 2" in r.message for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------------------------------ slices of rows
+def _whole_tensor_merge(cfg: dict, xs: list[torch.Tensor], base: torch.Tensor, name: str) -> torch.Tensor:
+    """The pre-slicing maths: every step on whole tensors (trim / masks / drops of the whole task vector)."""
+    from edgetune.merging.breadcrumbs import breadcrumbs_mask
+    from edgetune.merging.dare import dare_drop
+    from edgetune.merging.task_arithmetic import add_task_vectors
+    from edgetune.merging.ties import elect_and_mean
+
+    taus = [x - base for x in xs]
+    w = [1.0] * len(xs) if cfg.get("weights") is None else cfg["weights"]
+    method, scaling = cfg["method"], cfg.get("scaling", 1.0)
+    if method == "task_arithmetic":
+        return add_task_vectors(base, taus, w, scaling)
+    if method == "ties":
+        return elect_and_mean(base, [trim(t, cfg["density"]) for t in taus], w, scaling)
+    if method == "breadcrumbs":
+        masks = [breadcrumbs_mask(t, cfg["density"], cfg["beta"]) for t in taus]
+        return add_task_vectors(base, [t if m is None else t * m for t, m in zip(taus, masks)], w, scaling)
+    dropped = [dare_drop(t, cfg["density"], dare_generator(cfg.get("seed", 0), name, i)) for i, t in enumerate(taus)]
+    if cfg.get("combine") == "ties":
+        return elect_and_mean(base, dropped, w, scaling)
+    return add_task_vectors(base, dropped, w, scaling)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"method": "task_arithmetic", "scaling": 0.4, "weights": [0.5, -1.0, 2.0]},
+    {"method": "ties", "density": 0.2, "scaling": 1.0},
+    {"method": "ties", "density": 0.5, "scaling": 0.7, "weights": [0.5, -1.0, 2.0]},
+    {"method": "breadcrumbs", "density": 0.6, "beta": 0.1, "scaling": 0.5},
+    {"method": "dare", "density": 0.3, "scaling": 0.5, "seed": 3},
+    {"method": "dare", "density": 0.5, "combine": "ties", "seed": 1},
+])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10**9])
+def test_slices_of_rows_equal_the_whole_tensor_merge(cfg: dict, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merging a tensor slice by slice (here slices of ``chunk`` entries) gives bit for bit the whole-tensor result,
+    with many equal magnitudes (values on a coarse grid) so that the tie-breaking by flat index crosses slices."""
+    from edgetune.merging import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(0)
+    for shape in [(23, 9), (40,), (6, 3, 5), ()]:
+        base = torch.randn(shape, generator=g)
+        xs = [base + torch.randint(-3, 4, shape, generator=g).float() * 0.25 for _ in range(3)]
+        out = merge([{"t": x} for x in xs], cfg, base={"t": base})["t"]
+        ref = _whole_tensor_merge(cfg, xs, base, "t")
+        assert out.shape == base.shape
+        assert torch.equal(out, ref), (cfg, chunk, shape, (out - ref).abs().max())
+
+
+def test_magnitude_cuts_keep_what_the_whole_tensor_mask_keeps() -> None:
+    from edgetune.merging.task_arithmetic import row_chunks
+    from edgetune.merging.ties import magnitude_cuts
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-4, 5, (37, 11), generator=g).double()  # many ties
+    for k in (0, 1, 50, 200, 406, 407):
+        (cut,) = magnitude_cuts(x.abs(), [k])  # the scratch copy is reordered, x is not
+        seen, parts = 0, []
+        for sl in row_chunks(x.shape, 30):
+            keep, ties = cut.mask(x[sl].abs(), seen)
+            seen += ties
+            parts.append(keep)
+        assert torch.equal(torch.cat(parts), top_magnitude_mask(x, k)), k
+        assert int(torch.cat(parts).sum()) == min(k, x.numel())
