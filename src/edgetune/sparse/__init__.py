@@ -38,7 +38,10 @@ __all__ = [
 def _apply_sparse(model: nn.Module, cfg: SparseConfig, ctx: SectionContext) -> list[Callback]:
     import torch
 
+    from edgetune.sparse.strategies import TOPOLOGIES
+
     seed = cfg.seed if cfg.seed is not None else ctx.seed
-    inputs = ctx.sample_inputs() if (cfg.topology == "csti" and ctx.sample_inputs is not None) else None
+    needs_data = TOPOLOGIES.get(cfg.resolved().topology).needs_data  # e.g. CSTI reads the training inputs
+    inputs = ctx.sample_inputs() if (needs_data and ctx.sample_inputs is not None) else None
     sparsify_(model, cfg, generator=torch.Generator().manual_seed(seed), train_inputs=inputs)
     return [SparseEngine(model, cfg, seed=seed)]

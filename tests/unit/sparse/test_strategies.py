@@ -151,6 +151,19 @@ def _validate(data: dict[str, Any]) -> SparseConfig:
     return validate(SparseConfig, data)
 
 
+def test_every_method_names_registered_rules():
+    from edgetune.sparse.config import RULE_KINDS
+    from edgetune.sparse.strategies import registry_of
+
+    for e in SPARSE_METHODS.entries():
+        for kind in RULE_KINDS:
+            if kind in e.obj:
+                assert e.obj[kind] in registry_of(kind), (e.name, kind, e.obj[kind])
+        resolved = SparseConfig(method=e.name, density=0.2).resolved()
+        for kind in RULE_KINDS:
+            assert getattr(resolved, kind) in registry_of(kind), (e.name, kind)
+
+
 def test_every_registered_rule_is_listed_by_ls_methods():
     kinds = Registry.all()
     for reg in (REMOVALS, REGROWTHS, TOPOLOGIES, WEIGHT_INITS, DENSITY_SCHEDULES):
