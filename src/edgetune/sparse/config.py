@@ -31,6 +31,11 @@ def _names(kind: str) -> Any:
     return extra
 
 
+def _default_schedule(initial_density: Any, density: float) -> str:
+    """The density schedule when none is named: sigmoid decay when an initial density is given, else constant."""
+    return "sigmoid" if initial_density and initial_density != density else "constant"
+
+
 class SparseConfig(Config):
     """Dynamic sparse training of the ``nn.Linear`` layers of a model.
 
@@ -137,17 +142,15 @@ class SparseConfig(Config):
                 f"initial_density={self.initial_density} is below density={self.density}: the density decays "
                 "from initial_density down to density"
             )
-        if self.density_schedule == "constant" and self.initial_density not in (None, self.density):
-            raise ValueError(
-                f"initial_density={self.initial_density} asks for a density decay but "
-                "density_schedule=constant keeps the density; drop one of the two"
-            )
-        if self.density_schedule not in (None, "sigmoid", "constant") and self.initial_density is not None:
-            raise ValueError(
-                f"density_schedule={self.density_schedule} sets the initial density itself (see its "
-                f"options), so initial_density={self.initial_density} cannot apply; remove "
-                "initial_density or use density_schedule=sigmoid"
-            )
+        if self.density_schedule is not None and self.initial_density not in (None, self.density):
+            from edgetune.sparse.strategies import DENSITY_SCHEDULES
+
+            if not DENSITY_SCHEDULES.get(self.density_schedule).uses_initial_density:
+                raise ValueError(
+                    f"density_schedule={self.density_schedule} does not start from initial_density (it sets its "
+                    f"own start, see edgetune ls methods), so initial_density={self.initial_density} cannot "
+                    "apply; remove initial_density, or use density_schedule=sigmoid to decay from it"
+                )
         self._check_options()
         return self
 
@@ -161,10 +164,8 @@ class SparseConfig(Config):
             opts = getattr(self, f"{kind}_options")
             name = getattr(self, kind) or defaults.get(kind)
             if kind == "density_schedule" and name is None:
-                name = (
-                    "sigmoid"
-                    if self.initial_density is not None or "initial_density" in defaults
-                    else "constant"
+                name = _default_schedule(
+                    self.initial_density or defaults.get("initial_density"), self.density
                 )
             if name is None:
                 if opts:
@@ -190,10 +191,8 @@ class SparseConfig(Config):
             k: (v(self) if callable(v) else v) for k, v in entry.obj.items() if getattr(self, k) is None
         }
         if self.temperature is None and "temperature" not in filled:  # a method may set its own
-            filled["temperature"] = (
-                1.0,
-                3.0,
-            )  # the MLP/Transformer code's 1 -> 3 (used by soft removal only)
+            # the MLP/Transformer code's 1 -> 3 (used by soft removal only)
+            filled["temperature"] = (1.0, 3.0)
         out = self.model_copy(update=filled)
         out = out.model_copy(update=out._schedule())
         missing = [
@@ -212,19 +211,15 @@ class SparseConfig(Config):
             )
             if getattr(out, k) is None
         ]
-        if missing:
-            raise ValueError(
-                f"sparse method {self.method!r} leaves {missing} unset"
-            )  # a bug in a method file
+        if missing:  # a bug in a method file
+            raise ValueError(f"sparse method {self.method!r} leaves {missing} unset")
         return out
 
     def _schedule(self) -> dict[str, Any]:
         """The density schedule and its initial density (None when it equals the final density)."""
         from edgetune.sparse.strategies import DENSITY_SCHEDULES
 
-        name = self.density_schedule
-        if name is None:
-            name = "sigmoid" if self.initial_density and self.initial_density != self.density else "constant"
+        name = self.density_schedule or _default_schedule(self.initial_density, self.density)
         sched = DENSITY_SCHEDULES.get(name)
         first = sched.initial(
             self.density, self.initial_density, sched.options.model_validate(self.density_schedule_options)

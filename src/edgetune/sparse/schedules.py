@@ -277,7 +277,10 @@ def _register() -> None:
         ),
         "sigmoid": (
             DensitySchedule(
-                initial=lambda d, d0, o: d if d0 is None else d0, at=_sigmoid_at, removal=_prune_then_remove
+                initial=lambda d, d0, o: d if d0 is None else d0,
+                at=_sigmoid_at,
+                removal=_prune_then_remove,
+                uses_initial_density=True,
             ),
             (
                 "CHTss: sigmoid decay from sparse.initial_density to sparse.density (steepness "

@@ -165,6 +165,7 @@ class DensitySchedule:
     at: Callable[[int, ScheduleContext], float]
     removal: Callable[[int, int, int, ScheduleContext], tuple[int, int]]
     options: type[Config] = NoOptions
+    uses_initial_density: bool = False  # starts from sparse.initial_density (else that field is refused)
 
 
 REMOVALS: Registry[RemovalRule] = Registry("sparse removal method")

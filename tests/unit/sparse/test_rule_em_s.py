@@ -86,5 +86,8 @@ def test_bad_options_name_the_value_and_the_fix():
         ConfigError, match=r"density_schedule_options.steps is not a parameter.*extra, late_extra"
     ):
         validate(SparseConfig, {"density_schedule": "em_s", "density_schedule_options": {"steps": 3}})
-    with pytest.raises(ConfigError, match=r"em_s sets the initial density itself.*remove initial_density"):
+    with pytest.raises(
+        ConfigError,
+        match=r"density_schedule=em_s does not start from initial_density.*remove initial_density",
+    ):
         validate(SparseConfig, {"density_schedule": "em_s", "initial_density": 0.5})
