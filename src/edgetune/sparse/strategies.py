@@ -226,13 +226,14 @@ def rule_options(kind: str, name: str, given: Mapping[str, Any] | None) -> BaseM
         known = ", ".join(f.alias or k for k, f in model.model_fields.items()) or "none"
         bits = []
         for e in err.errors():
-            key = ".".join(str(x) for x in e["loc"])
-            val = e.get("input")
-            bits.append(
-                f"sparse.{kind}_options.{key}={val!r}: {e['msg']}"
-                if e["type"] != "extra_forbidden"
-                else f"sparse.{kind}_options.{key} is not a parameter of {kind} {name!r}"
-            )
+            key = "".join(f".{x}" for x in e["loc"])
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                bits.append(f"sparse.{kind}_options{key} is not a parameter of {kind} {name!r}")
+            elif key:
+                bits.append(f"sparse.{kind}_options{key}={e.get('input')!r}: {msg}")
+            else:
+                bits.append(f"sparse.{kind}_options={dict(given or {})}: {msg}")
         raise ConfigError(f"{'; '.join(bits)} (parameters of {kind} {name!r}: {known})") from None
 
 
