@@ -3,7 +3,8 @@
 ``sparsify_(model, SparseConfig(method="chts", density=0.01))`` swaps the selected ``nn.Linear`` layers for
 :class:`SparseLinear` (weights, gradients and optimizer state in proportion to the links);
 ``SparseEngine(model, cfg)`` is the training-loop callback that evolves the topology. In a recipe, the
-``sparse:`` section does both.
+``sparse:`` section does both. The rules (removal, regrowth, initial topology, weight init, density
+schedule) are registered by name in :mod:`edgetune.sparse.strategies`; a new rule is one file there.
 """
 
 from __future__ import annotations
@@ -18,9 +19,22 @@ from edgetune.sparse.layer import SparseLinear, remap_optimizer_state
 from edgetune.sparse.methods import SPARSE_METHODS
 from edgetune.sparse.predictors import link_scores, sample_without_replacement
 from edgetune.sparse.sparsify import layer_chains, sparse_layers, sparsify_
+from edgetune.sparse.strategies import (
+    DENSITY_SCHEDULES,
+    REGROWTHS,
+    REMOVALS,
+    TOPOLOGIES,
+    WEIGHT_INITS,
+    load_rules,
+)
 
 __all__ = [
+    "DENSITY_SCHEDULES",
+    "REGROWTHS",
+    "REMOVALS",
     "SPARSE_METHODS",
+    "TOPOLOGIES",
+    "WEIGHT_INITS",
     "SparseConfig",
     "SparseEngine",
     "SparseLinear",
@@ -32,6 +46,8 @@ __all__ = [
     "sparse_layers",
     "sparsify_",
 ]
+
+load_rules()
 
 
 @register_section("sparse", config=SparseConfig, summary="dynamic sparse training of nn.Linear layers")

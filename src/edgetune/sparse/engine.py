@@ -248,10 +248,9 @@ class SparseEngine(Callback):
 
     def _percolate(self, work: list[_LayerUpdate]) -> None:
         """Percolation step: cut hidden neurons left without inputs or outputs along every chain."""
+        # chains that share a layer (gate_proj and up_proj -> down_proj) repeat until nothing changes
         changed = bool(self.cfg.percolation)
-        while (
-            changed
-        ):  # chains that share a layer (gate_proj and up_proj -> down_proj) repeat to a fixed point
+        while changed:
             changed = False
             for chain in self.chains:
                 res = percolate([work[i].mask for i in chain])
