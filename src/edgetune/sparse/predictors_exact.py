@@ -40,15 +40,29 @@ from typing import Literal
 import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
+from edgetune.sparse.predictors_paths import sparse_path_cost, sparse_path_scores
 
-__all__ = ["as_mask", "ch2_l3", "ch3_l3", "check_float_dtype", "path_scores", "to_csr"]
+__all__ = [
+    "Algorithm",
+    "as_mask",
+    "ch2_l3",
+    "ch3_l3",
+    "check_float_dtype",
+    "choose_algorithm",
+    "grouped_path_cost",
+    "path_scores",
+    "to_csr",
+]
 
 log = logging.getLogger(__name__)
 
 PathModel = Literal["ch3", "ch2"]
+Algorithm = Literal["auto", "grouped", "sparse"]
 _BLOCK_BYTES_CPU = 16 * 2**20  # gathered block per batched matmul (tuned on 2 cores, 1024²-4096²)
 _BLOCK_BYTES_CUDA = 256 * 2**20
 SPARSE_BELOW = 0.25  # on CPU, products with the mask go through CSR below this density
+SEC_BMM = 6e-11  # seconds per batched multiply-add of the grouped algorithm (2 cores, 1 thread, float32)
+SEC_GATHER = 1e-9  # seconds per gathered/scattered entry of the grouped algorithm
 
 
 def as_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -171,6 +185,28 @@ def _path_sum(
     return out[:n_out]
 
 
+def grouped_path_cost(deg_out: torch.Tensor, deg_in: torch.Tensor) -> float:
+    """Rough seconds of the grouped algorithm on a mask with these degrees (cheaper orientation):
+    ``Σ_i d_i² · I`` batched multiply-adds plus ``nnz · I`` gathered and scattered entries."""
+    n_out, n_in = deg_out.numel(), deg_in.numel()
+    d_out, d_in = deg_out.double(), deg_in.double()
+    nnz = float(d_out.sum())
+    by_input = float(d_in.square().sum()) * n_in + nnz * n_in * SEC_GATHER / SEC_BMM
+    by_output = float(d_out.square().sum()) * n_out + nnz * n_out * SEC_GATHER / SEC_BMM
+    return SEC_BMM * min(by_input, by_output)
+
+
+def choose_algorithm(mask: torch.Tensor) -> Literal["grouped", "sparse"]:
+    """``"sparse"`` on the CPU where its estimated cost is lower (low density), else ``"grouped"``."""
+    if mask.device.type != "cpu" or mask.numel() == 0:
+        return "grouped"
+    deg_out, deg_in = mask.sum(1), mask.sum(0)
+    sparse = sparse_path_cost(deg_out, deg_in)
+    grouped = grouped_path_cost(deg_out, deg_in)
+    log.debug("path scores %s: estimated %.3g s sparse, %.3g s grouped", tuple(mask.shape), sparse, grouped)
+    return "sparse" if sparse < grouped else "grouped"
+
+
 def path_scores(
     mask: torch.Tensor,
     model: PathModel = "ch3",
@@ -178,6 +214,7 @@ def path_scores(
     dtype: torch.dtype = torch.float32,
     fill_existing: float = 0.0,
     block_bytes: int | None = None,
+    algorithm: Algorithm = "auto",
 ) -> torch.Tensor:
     """Exact path-based CH score of every candidate link of a bipartite layer mask.
 
@@ -189,8 +226,12 @@ def path_scores(
             on every random mask tried. Half types compute in float32 and are cast.
         fill_existing: value written on existing links (0 as in the official code; ``-inf`` keeps
             them out of any top-k).
-        block_bytes: size of the gathered block per batched matmul (default 16 MiB on CPU, 256 MiB on
-            GPU); two such buffers are allocated.
+        block_bytes: size of the gathered block per batched matmul of the grouped algorithm (default
+            16 MiB on CPU, 256 MiB on GPU); two such buffers are allocated.
+        algorithm: ``"grouped"`` (batched dense matmuls, any device; best at moderate density),
+            ``"sparse"`` (sparse products whose cost follows the paths, :mod:`.predictors_paths`; runs
+            on the CPU, a GPU mask is copied there and back), or ``"auto"``: the cheaper by a cost
+            estimate from the degrees on the CPU, ``"grouped"`` on a GPU.
 
     Returns:
         ``(O, I)`` scores; 0 for candidates without any length-3 path.
@@ -199,19 +240,37 @@ def path_scores(
     check_float_dtype(dtype)
     if model not in ("ch3", "ch2"):
         raise ConfigError(f'path model must be "ch3" or "ch2", got {model!r}.')
+    if algorithm not in ("auto", "grouped", "sparse"):
+        raise ConfigError(f'algorithm must be "auto", "grouped" or "sparse", got {algorithm!r}.')
     n_out, n_in = mask.shape
     if mask.numel() == 0:
         return torch.zeros(n_out, n_in, dtype=dtype, device=mask.device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    if algorithm == "auto":
+        algorithm = choose_algorithm(mask)
+    if algorithm == "sparse":
+        scores = sparse_path_scores(mask.cpu(), model, dtype=work, fill_existing=fill_existing)
+        return scores.to(device=mask.device, dtype=dtype)
+    return _grouped_path_scores(mask, model, dtype, work, fill_existing, block_bytes)
+
+
+def _grouped_path_scores(
+    mask: torch.Tensor,
+    model: PathModel,
+    dtype: torch.dtype,
+    work: torch.dtype,
+    fill_existing: float,
+    block_bytes: int | None,
+) -> torch.Tensor:
+    """The grouped algorithm (module docstring) in the cheaper orientation."""
+    n_out, n_in = mask.shape
     m_pad = torch.zeros(n_out + 1, n_in, dtype=work, device=mask.device)
     mf = m_pad[:n_out].copy_(mask)  # (O, I) float view; row O of m_pad stays 0 (padding)
     deg_out, deg_in = mf.sum(1), mf.sum(0)
     # work Σ_i d_i² · I when grouping by input node, Σ_b d_b² · O on the transposed mask
     if float(deg_out.square().sum()) * n_out < float(deg_in.square().sum()) * n_in:
         log.debug("path scores of a %dx%d mask: grouping paths by output nodes (cheaper)", n_out, n_in)
-        return path_scores(
-            mask.T, model, dtype=dtype, fill_existing=fill_existing, block_bytes=block_bytes
-        ).T.contiguous()
+        return _grouped_path_scores(mask.T, model, dtype, work, fill_existing, block_bytes).T.contiguous()
     if block_bytes is None:
         block_bytes = _BLOCK_BYTES_CUDA if mask.device.type == "cuda" else _BLOCK_BYTES_CPU
     mft = mf.T.contiguous()  # (I, O)

@@ -1,0 +1,396 @@
+"""Exact CH3-L3 / CH2-L3 at low density: cost that follows the length-3 paths (CPU, sparse products).
+
+Same scores as :func:`edgetune.sparse.predictors_exact.path_scores` (definitions in
+``research/cht-spec.md`` §1.1-1.2), computed without any dense ``(N, N)`` intermediate of the grouped
+algorithm. Notation as there: a path ``a - i - b - k`` contributes ``U[i, k] · V[a, b]`` with
+``U[i, k] = f(C_in[i, k], deg(i))`` and ``V[a, b] = f(C_out[a, b], deg(b))`` (``C`` = common-neighbour
+counts, ``f`` the CH3 or CH2 factor, 0 where ``deg - C = 0``).
+
+On a path, ``C >= 1``. Where ``C = 1`` the factor depends on the intermediate node only:
+``u1[i] = f(1, deg(i))``, ``v1[b] = f(1, deg(b))``. Writing ``U = u1 + dU`` and ``V = v1 + dV``, where the
+corrections ``dU``, ``dV`` live on node pairs with at least two common neighbours (few at low density),
+
+    score = M (U ⊙ Cv)  +  (dV ⊙ Cu) M  +  Σ_{paths} dU[i, k] · dV[a, b]
+
+with the weighted counts ``Cv = Mᵀ diag(v1) M`` (``Cv[i, k] = Σ_{b ∈ N(i) ∩ N(k)} v1[b]``) and
+``Cu = M diag(u1) Mᵀ``. Every term is exact: the first two are sparse-sparse products (or, once the
+second factor is dense enough, a CSR-times-dense product), the last enumerates only the paths on which
+*both* intermediates have another common neighbour — under 1% of the paths at 1024² 1%, a third at
+4096² 1%. The counts come with their weighted sums from one complex product
+(``Mᵀ diag(1 + j·v1) M``: real part ``C_in``, imaginary part ``Cv``). Paths with ``b = a`` end on
+existing links, which are overwritten with ``fill_existing``.
+
+Work: ``O(nnz · I)`` at most for the first two terms, the corrected paths for the last, and the
+``(O, I)`` result; no ``(O+I)²`` buffer. scipy's sparse products release the GIL, so row blocks run on
+``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+__all__ = ["SparseLayer", "layer_csr", "sparse_path_cost", "sparse_path_scores"]
+
+log = logging.getLogger(__name__)
+
+PathModel = Literal["ch3", "ch2"]
+LOOKUP_TABLE_MAX = 2**24  # key spaces up to this size (4096²) use a dense lookup table, larger a hash filter
+BLOCK_FLOPS = 2**22  # multiply-adds per row block of a sparse product (bounds its temporary output)
+WEDGE_BLOCK = 2**22  # wedges enumerated per block
+# seconds per operation on this project's 2-core CPU, one thread, float32 (used to pick the algorithm)
+SEC_SPGEMM = 8e-9  # one multiply-add of a sparse-sparse product, with its share of output handling
+SEC_SPMM = 4e-10  # one multiply-add of CSR times dense (memory-bound axpy of dense rows)
+SEC_DENSE = 2e-9  # one entry of a dense operand built from a sparse one
+
+
+@dataclass(frozen=True)
+class SparseLayer:
+    """CSR views of a mask ``(O, I)``: ``s`` (``O x I``) and ``st`` (its transpose), both with unit
+    data and sorted indices, the flat indices of the links, and the degrees (float, ``work`` dtype)."""
+
+    s: sp.csr_matrix
+    st: sp.csr_matrix
+    flat: np.ndarray
+    deg_out: np.ndarray
+    deg_in: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.s.shape
+
+
+def layer_csr(mask: torch.Tensor, dtype: np.dtype) -> SparseLayer:
+    """CSR form of a bool CPU mask ``(O, I)`` with unit data of numpy ``dtype``."""
+    n_out, n_in = mask.shape
+    flat = np.flatnonzero(mask.contiguous().numpy().reshape(-1))
+    rows, cols = np.divmod(flat, n_in)
+    idx = np.int32 if max(n_out, n_in, flat.size) < 2**31 else np.int64
+    deg_out, deg_in = np.bincount(rows, minlength=n_out), np.bincount(cols, minlength=n_in)
+    indptr = np.zeros(n_out + 1, dtype=idx)
+    np.cumsum(deg_out, out=indptr[1:])
+    s = sp.csr_matrix((np.ones(flat.size, dtype), cols.astype(idx), indptr), shape=(n_out, n_in))
+    st = s.T.tocsr()
+    st.sort_indices()
+    return SparseLayer(s, st, flat, deg_out.astype(dtype), deg_in.astype(dtype))
+
+
+def lc_factor(common: np.ndarray, degree: np.ndarray, model: PathModel) -> np.ndarray:
+    """CH3 ``1/sqrt(deg - C)`` or CH2 ``sqrt((1 + C)/(deg - C))``; 0 where ``deg - C <= 0``."""
+    ext = degree - common
+    valid = ext > 0
+    ext = np.where(valid, ext, 1)
+    out = 1 / np.sqrt(ext) if model == "ch3" else np.sqrt((1 + common) / ext)
+    return np.where(valid, out, 0).astype(degree.dtype, copy=False)
+
+
+def _rows_of(csr: sp.csr_matrix) -> np.ndarray:
+    """Row index of every stored entry of ``csr``."""
+    return np.repeat(np.arange(csr.shape[0], dtype=csr.indices.dtype), np.diff(csr.indptr))
+
+
+def _scaled(csr: sp.csr_matrix, row_weight: np.ndarray, complex_dtype: np.dtype) -> sp.csr_matrix:
+    """``diag(1 + j·row_weight) @ csr`` for a unit-data CSR (same structure, complex data)."""
+    data = (1 + 1j * row_weight[_rows_of(csr)]).astype(complex_dtype)
+    return sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape)
+
+
+@dataclass(frozen=True)
+class _Side:
+    """Entries of one common-neighbour product (``C_in`` or ``C_out``): row, column, count, weighted sum."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    count: np.ndarray
+    weighted: np.ndarray
+    csr: sp.csr_matrix  # structure, any data
+
+
+def _common(left: sp.csr_matrix, right_scaled: sp.csr_matrix) -> _Side:
+    """Counts and weighted counts of common neighbours, ``left @ right_scaled`` split in real/imag parts.
+
+    No entry cancels: every count is >= 1, so the structure is exactly the node pairs at distance 2.
+    """
+    z = _spgemm(left, right_scaled)
+    return _Side(_rows_of(z), z.indices, z.data.real.copy(), z.data.imag.copy(), z)
+
+
+def _spgemm(left: sp.csr_matrix, right: sp.csr_matrix) -> sp.csr_matrix:
+    with np.errstate(all="ignore"):
+        return left @ right
+
+
+class _Lookup:
+    """Values at integer keys ``< space``: a dense table for small spaces, else a hash filter + search."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray, space: int) -> None:
+        self.dense = space <= LOOKUP_TABLE_MAX
+        self.dtype = values.dtype
+        if self.dense:
+            self.table = np.zeros(space, dtype=values.dtype)
+            self.table[keys] = values
+            return
+        order = np.argsort(keys)
+        self.keys, self.values = keys[order], values[order]
+        self.bits = max(10, math.ceil(math.log2(max(8 * keys.size, 1))))
+        self.filter = np.zeros(2**self.bits, dtype=bool)
+        self.filter[self._hash(self.keys)] = True
+
+    def _hash(self, keys: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return (keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - self.bits)
+
+    def __call__(self, queries: np.ndarray) -> np.ndarray:
+        """Values at ``queries`` (0 for keys that are absent)."""
+        if self.dense:
+            return self.table[queries]
+        out = np.zeros(queries.size, dtype=self.dtype)
+        cand = np.flatnonzero(self.filter[self._hash(queries)])
+        if cand.size and self.keys.size:
+            pos = np.searchsorted(self.keys, queries[cand]).clip(max=self.keys.size - 1)
+            hit = self.keys[pos] == queries[cand]
+            out[cand[hit]] = self.values[pos[hit]]
+        return out
+
+
+def _corrections(
+    side: _Side, degree: np.ndarray, base: np.ndarray, model: PathModel
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Factor ``f(C, degree)`` on every entry (``degree``, ``base``: per entry), and where the pair has
+    two or more common neighbours (off the diagonal) the non-zero corrections ``factor - base``:
+    returns ``(factor, positions of the corrections, corrections)``."""
+    factor = lc_factor(side.count, degree, model)
+    multi = np.flatnonzero((side.count >= 2) & (side.rows != side.cols))
+    delta = factor[multi] - base[multi]
+    keep = delta != 0
+    return factor, multi[keep], delta[keep]
+
+
+def _row_blocks(row_flops: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose summed flops stay under ``limit`` (at least one row each)."""
+    n = row_flops.size
+    if n == 0:
+        return []
+    cum = np.cumsum(row_flops, dtype=np.float64)
+    blocks, start = [], 0
+    while start < n:
+        base = cum[start - 1] if start else 0.0
+        stop = int(np.searchsorted(cum, base + limit, side="right"))
+        stop = min(max(stop, start + 1), n)
+        blocks.append((start, stop))
+        start = stop
+    return blocks
+
+
+def _to_torch_csr(csr: sp.csr_matrix) -> torch.Tensor:
+    """Zero-copy torch view of a scipy CSR matrix (without torch's "CSR support is in beta" notice)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tensor support is in beta.*")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(csr.indptr),
+            torch.from_numpy(csr.indices),
+            torch.from_numpy(csr.data),
+            csr.shape,
+            check_invariants=False,
+        )
+
+
+def _add_spgemm(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, threads: int) -> None:
+    """``out += left @ right`` by sparse products over row blocks (threads share the blocks)."""
+    if left.nnz == 0 or right.nnz == 0:
+        return
+    row_flops = left @ np.diff(right.indptr).astype(np.float64)
+    blocks = _row_blocks(row_flops, BLOCK_FLOPS)
+
+    def run(block: tuple[int, int]) -> None:
+        lo, hi = block
+        prod = _spgemm(left[lo:hi], right)
+        if prod.nnz:
+            out[lo:hi].add_(_to_torch_csr(prod))
+
+    if threads > 1 and len(blocks) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(run, blocks))
+    else:
+        for block in blocks:
+            run(block)
+
+
+def _add_product(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, threads: int) -> str:
+    """``out += left @ right`` (both CSR), by the cheapest of three ways; returns the way taken.
+
+    ``sparse``: sparse-sparse product (cost ~ its multiply-adds); ``dense_right``: CSR(left) @ dense(right)
+    (``nnz(left) · cols`` multiply-adds plus the dense operand); ``dense_left``: dense(left) @ CSR(right).
+    """
+    n, inner = left.shape
+    m = right.shape[1]
+    col_nnz = np.bincount(left.indices, minlength=inner).astype(np.float64)
+    flops = float(col_nnz @ np.diff(right.indptr))
+    costs = {
+        "sparse": SEC_SPGEMM * flops,
+        "dense_right": SEC_SPMM * left.nnz * m + SEC_DENSE * inner * m,
+        "dense_left": SEC_SPMM * right.nnz * n + SEC_DENSE * n * inner,
+    }
+    way = min(costs, key=costs.__getitem__)
+    if flops == 0:
+        return way
+    if way == "sparse":
+        _add_spgemm(out, left, right, threads)
+    elif way == "dense_right":
+        out.addmm_(_to_torch_csr(left), torch.from_numpy(right.toarray()))
+    else:
+        out.addmm_(torch.from_numpy(left.toarray()), _to_torch_csr(right))
+    return way
+
+
+def _by_degree(deg: np.ndarray, limit: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield ``(items, d)``: the indices of ``deg`` that share a value ``d > 0``, in batches of at most
+    ``max(1, limit // d²)``."""
+    nodes = np.arange(deg.size)
+    order = np.argsort(deg, kind="stable")
+    values, starts = np.unique(deg[order], return_index=True)
+    bounds = [*starts.tolist(), order.size]
+    for j, d in enumerate(values.tolist()):
+        if d == 0:
+            continue
+        group = nodes[order[bounds[j] : bounds[j + 1]]]
+        step = max(1, limit // (d * d))
+        for lo in range(0, group.size, step):
+            yield group[lo : lo + step], d
+
+
+def _neighbour_table(csr: sp.csr_matrix, nodes: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(len(nodes), d)`` neighbours of rows ``nodes`` (all of degree ``d``) and their entry positions."""
+    pos = csr.indptr[nodes].astype(np.int64)[:, None] + np.arange(d)
+    return csr.indices[pos].astype(np.int64), pos
+
+
+def _wedge_triples(layer: SparseLayer, dv: _Lookup) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First halves ``a - i - b`` of the paths with ``dV[a, b] != 0``: output ``a``, the entry of
+    ``(i, b)`` in ``st`` (input-major CSR), and ``dV[a, b]``. All wedges through each input node ``i``
+    (pairs of its neighbours) are looked up, input nodes batched by degree."""
+    st, n_out = layer.st, layer.shape[0]
+    found = []
+    for nodes, d in _by_degree(np.diff(st.indptr), WEDGE_BLOCK):
+        nbrs, pos = _neighbour_table(st, nodes, d)  # (n, d) outputs of each input node
+        value = dv((nbrs[:, :, None] * n_out + nbrs[:, None, :]).reshape(-1))  # dV[a, b], (n, d, d)
+        nz = np.flatnonzero(value)
+        g, rest = np.divmod(nz, d * d)
+        slot_a, slot_b = np.divmod(rest, d)
+        found.append((nbrs[g, slot_a], pos[g, slot_b], value[nz]))
+    if not found:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=layer.deg_out.dtype)
+    a, edge, value = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    return a, edge, value
+
+
+def _second_halves(layer: SparseLayer, edges: np.ndarray, du: _Lookup) -> sp.csr_matrix:
+    """``(len(edges), I)`` CSR: row ``j`` holds ``dU[i, k]`` for ``k ∈ N(b)``, ``(i, b)`` = ``st`` entry
+    ``edges[j]`` (the second halves ``i - b - k`` of the paths), edges batched by the degree of ``b``."""
+    st, s, n_in = layer.st, layer.s, layer.shape[1]
+    inputs = _rows_of(st)[edges].astype(np.int64)
+    outputs = st.indices[edges].astype(np.int64)
+    rows, cols, vals = [], [], []
+    for sel, d in _by_degree(np.diff(s.indptr)[outputs], WEDGE_BLOCK * 4):
+        k, _ = _neighbour_table(s, outputs[sel], d)  # (n, d) inputs of each b
+        value = du((inputs[sel, None] * n_in + k).reshape(-1))
+        nz = np.flatnonzero(value)
+        rows.append(sel[nz // d])
+        cols.append(k.reshape(-1)[nz])
+        vals.append(value[nz])
+    if not rows:
+        return sp.csr_matrix((edges.size, n_in), dtype=layer.deg_in.dtype)
+    coo = sp.coo_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(edges.size, n_in)
+    )
+    return coo.tocsr()
+
+
+def _add_double_corrections(
+    out: torch.Tensor, layer: SparseLayer, dv: _Lookup, du: _Lookup, threads: int
+) -> int:
+    """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms."""
+    a, edge, value = _wedge_triples(layer, dv)
+    if a.size == 0:
+        return 0
+    used = np.zeros(layer.st.nnz, dtype=bool)
+    used[edge] = True
+    used_edges = np.flatnonzero(used)
+    compact = np.cumsum(used) - 1
+    left_t = sp.csr_matrix((value, (a, compact[edge])), shape=(layer.shape[0], used_edges.size))
+    right = _second_halves(layer, used_edges, du)
+    _add_spgemm(out, left_t, right, threads)
+    return int(np.bincount(left_t.indices, minlength=used_edges.size) @ np.diff(right.indptr))
+
+
+def sparse_path_cost(deg_out: torch.Tensor, deg_in: torch.Tensor) -> float:
+    """Rough seconds of :func:`sparse_path_scores` on a mask with these degrees (random-graph estimate).
+
+    Dominated by the two products with ``nnz · n`` multiply-adds and by the doubly corrected paths,
+    ``paths · (1 - e^{-λ_in}) (1 - e^{-λ_out})`` with ``λ`` the expected number of *other* common
+    neighbours of the pair joined by a path's intermediate.
+    """
+    n_out, n_in = deg_out.numel(), deg_in.numel()
+    nnz = float(deg_out.sum())
+    d_out, d_in = deg_out.double(), deg_in.double()
+    lam_out = float((d_in * (d_in - 1)).sum()) / max(n_out * n_out, 1)  # other common inputs of (a, b)
+    lam_in = float((d_out * (d_out - 1)).sum()) / max(n_in * n_in, 1)
+    paths = float((d_in * d_in).sum()) * float((d_out * d_out).sum()) / max(nnz, 1.0)
+    double = paths * (1 - math.exp(-lam_in)) * (1 - math.exp(-lam_out))
+    wedges = float((d_in * d_in).sum() + (d_out * d_out).sum())
+    products = min(SEC_SPMM * nnz * (n_in + n_out), SEC_SPGEMM * paths)
+    return products + SEC_SPGEMM * (double + wedges) + SEC_DENSE * n_out * n_in
+
+
+def sparse_path_scores(
+    mask: torch.Tensor, model: PathModel, *, dtype: torch.dtype, fill_existing: float
+) -> torch.Tensor:
+    """Exact path-based CH scores ``(O, I)`` of a bool CPU mask (float32 or float64 ``dtype``)."""
+    n_out, n_in = mask.shape
+    real = np.float64 if dtype == torch.float64 else np.float32
+    cplx = np.complex128 if dtype == torch.float64 else np.complex64
+    threads = max(1, torch.get_num_threads())
+    layer = layer_csr(mask, real)
+    out = torch.zeros(n_out, n_in, dtype=dtype)
+    if layer.flat.size == 0:
+        return out
+    s, st = layer.s, layer.st
+    v1 = lc_factor(np.ones_like(layer.deg_out), layer.deg_out, model)  # f(1, deg(b)), outputs
+    u1 = lc_factor(np.ones_like(layer.deg_in), layer.deg_in, model)  # f(1, deg(i)), inputs
+    c_in = _common(st, _scaled(s, v1, cplx))  # (I, I): C_in and Cv
+    c_out = _common(s, _scaled(st, u1, cplx))  # (O, O): C_out and Cu
+    u, du_at, du = _corrections(c_in, layer.deg_in[c_in.rows], u1[c_in.rows], model)  # U[i, k]: deg(i)
+    _, dv_at, dv = _corrections(c_out, layer.deg_out[c_out.cols], v1[c_out.cols], model)  # V[a, b]: deg(b)
+    # 1) M (U ⊙ Cv): every path with the exact input-side factor and v1 on the output side
+    q = sp.csr_matrix((u * c_in.weighted, c_in.cols, c_in.csr.indptr), shape=(n_in, n_in))
+    way_a = _add_product(out, s, q, threads)
+    # 2) (dV ⊙ Cu) M: output-side corrections with u1
+    x = sp.csr_matrix(
+        (dv * c_out.weighted[dv_at], (c_out.rows[dv_at], c_out.cols[dv_at])), shape=(n_out, n_out)
+    )
+    way_b = _add_product(out, x, s, threads)
+    # 3) Σ dU · dV over the paths where both intermediates have another common neighbour
+    dv_lookup = _Lookup(c_out.rows[dv_at].astype(np.int64) * n_out + c_out.cols[dv_at], dv, n_out * n_out)
+    du_lookup = _Lookup(c_in.rows[du_at].astype(np.int64) * n_in + c_in.cols[du_at], du, n_in * n_in)
+    n_double = _add_double_corrections(out, layer, dv_lookup, du_lookup, threads)
+    log.debug(
+        "sparse path scores %dx%d (nnz %d): U-term %s, V-correction %s, %d doubly corrected path terms",
+        n_out,
+        n_in,
+        layer.flat.size,
+        way_a,
+        way_b,
+        n_double,
+    )
+    out.view(-1).index_fill_(0, torch.from_numpy(layer.flat), fill_existing)
+    return out
