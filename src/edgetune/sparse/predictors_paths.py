@@ -44,7 +44,10 @@ __all__ = ["SparseLayer", "layer_csr", "sparse_path_cost", "sparse_path_scores"]
 log = logging.getLogger(__name__)
 
 PathModel = Literal["ch3", "ch2"]
-LOOKUP_TABLE_MAX = 2**24  # key spaces up to this size (4096²) use a dense lookup table, larger a hash filter
+DeltaAt = tuple[np.ndarray, np.ndarray]  # corrections: flat keys ``row * n + col`` and values
+LOOKUP_TABLE_MAX = (
+    2**24
+)  # key spaces up to this size (4096²) may use a dense lookup table, else a hash filter
 BLOCK_FLOPS = 2**22  # multiply-adds per row block of a sparse product (bounds its temporary output)
 WEDGE_BLOCK = 2**22  # wedges enumerated per block
 # seconds per operation on this project's 2-core CPU, one thread, float32 (used to pick the algorithm)
@@ -132,8 +135,9 @@ def _spgemm(left: sp.csr_matrix, right: sp.csr_matrix) -> sp.csr_matrix:
 class _Lookup:
     """Values at integer keys ``< space``: a dense table for small spaces, else a hash filter + search."""
 
-    def __init__(self, keys: np.ndarray, values: np.ndarray, space: int) -> None:
-        self.dense = space <= LOOKUP_TABLE_MAX
+    def __init__(self, keys: np.ndarray, values: np.ndarray, space: int, queries: int) -> None:
+        # a table costs its pages (``space`` entries); worth it for many ``queries`` only
+        self.dense = space <= LOOKUP_TABLE_MAX and 8 * queries >= space
         self.dtype = values.dtype
         if self.dense:
             self.table = np.zeros(space, dtype=values.dtype)
@@ -141,7 +145,7 @@ class _Lookup:
             return
         order = np.argsort(keys)
         self.keys, self.values = keys[order], values[order]
-        self.bits = max(10, math.ceil(math.log2(max(8 * keys.size, 1))))
+        self.bits = max(12, math.ceil(math.log2(max(32 * keys.size, 1))))
         self.filter = np.zeros(2**self.bits, dtype=bool)
         self.filter[self._hash(self.keys)] = True
 
@@ -252,37 +256,45 @@ def _add_product(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, t
     return way
 
 
-def _by_degree(deg: np.ndarray, limit: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield ``(items, d)``: the indices of ``deg`` that share a value ``d > 0``, in batches of at most
-    ``max(1, limit // d²)``."""
-    nodes = np.arange(deg.size)
+def _by_degree(deg: np.ndarray, limit: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Yield ``(items, degrees, d)``: indices of ``deg`` with a value in ``(0, d]``, ``d`` the largest in
+    the batch, degrees within ~10% (+2) of each other (so padding to ``d`` costs little) and batches of
+    at most ``max(1, limit // d²)`` items."""
     order = np.argsort(deg, kind="stable")
-    values, starts = np.unique(deg[order], return_index=True)
-    bounds = [*starts.tolist(), order.size]
-    for j, d in enumerate(values.tolist()):
-        if d == 0:
-            continue
-        group = nodes[order[bounds[j] : bounds[j + 1]]]
-        step = max(1, limit // (d * d))
-        for lo in range(0, group.size, step):
-            yield group[lo : lo + step], d
+    sorted_deg = deg[order]
+    start = int(np.searchsorted(sorted_deg, 0, side="right"))
+    while start < order.size:
+        low = int(sorted_deg[start])
+        stop = int(np.searchsorted(sorted_deg, int(low * 1.1) + 2, side="right"))
+        d = int(sorted_deg[stop - 1])
+        stop = min(stop, start + max(1, limit // (d * d)))
+        d = int(sorted_deg[stop - 1])
+        yield order[start:stop], sorted_deg[start:stop], d
+        start = stop
 
 
-def _neighbour_table(csr: sp.csr_matrix, nodes: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(len(nodes), d)`` neighbours of rows ``nodes`` (all of degree ``d``) and their entry positions."""
-    pos = csr.indptr[nodes].astype(np.int64)[:, None] + np.arange(d)
-    return csr.indices[pos].astype(np.int64), pos
+def _neighbour_table(
+    csr: sp.csr_matrix, nodes: np.ndarray, degrees: np.ndarray, d: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(len(nodes), d)`` neighbours of rows ``nodes`` padded to ``d``, their entry positions and a
+    validity mask (padding slots repeat the row's first entry and are marked invalid)."""
+    slots = np.arange(d)
+    valid = slots < degrees[:, None]
+    pos = csr.indptr[nodes].astype(np.int64)[:, None] + np.where(valid, slots, 0)
+    return csr.indices[pos].astype(np.int64), pos, valid
 
 
-def _wedge_triples(layer: SparseLayer, dv: _Lookup) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _wedge_triples(layer: SparseLayer, dv: DeltaAt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """First halves ``a - i - b`` of the paths with ``dV[a, b] != 0``: output ``a``, the entry of
     ``(i, b)`` in ``st`` (input-major CSR), and ``dV[a, b]``. All wedges through each input node ``i``
     (pairs of its neighbours) are looked up, input nodes batched by degree."""
     st, n_out = layer.st, layer.shape[0]
+    lookup = _Lookup(*dv, n_out * n_out, int(np.square(np.diff(st.indptr).astype(np.int64)).sum()))
     found = []
-    for nodes, d in _by_degree(np.diff(st.indptr), WEDGE_BLOCK):
-        nbrs, pos = _neighbour_table(st, nodes, d)  # (n, d) outputs of each input node
-        value = dv((nbrs[:, :, None] * n_out + nbrs[:, None, :]).reshape(-1))  # dV[a, b], (n, d, d)
+    for nodes, degrees, d in _by_degree(np.diff(st.indptr), WEDGE_BLOCK):
+        nbrs, pos, valid = _neighbour_table(st, nodes, degrees, d)  # (n, d) outputs of each input node
+        value = lookup((nbrs[:, :, None] * n_out + nbrs[:, None, :]).reshape(-1))  # dV[a, b], (n, d, d)
+        value *= (valid[:, :, None] & valid[:, None, :]).reshape(-1)
         nz = np.flatnonzero(value)
         g, rest = np.divmod(nz, d * d)
         slot_a, slot_b = np.divmod(rest, d)
@@ -294,16 +306,18 @@ def _wedge_triples(layer: SparseLayer, dv: _Lookup) -> tuple[np.ndarray, np.ndar
     return a, edge, value
 
 
-def _second_halves(layer: SparseLayer, edges: np.ndarray, du: _Lookup) -> sp.csr_matrix:
+def _second_halves(layer: SparseLayer, edges: np.ndarray, du: DeltaAt) -> sp.csr_matrix:
     """``(len(edges), I)`` CSR: row ``j`` holds ``dU[i, k]`` for ``k ∈ N(b)``, ``(i, b)`` = ``st`` entry
     ``edges[j]`` (the second halves ``i - b - k`` of the paths), edges batched by the degree of ``b``."""
     st, s, n_in = layer.st, layer.s, layer.shape[1]
     inputs = _rows_of(st)[edges].astype(np.int64)
     outputs = st.indices[edges].astype(np.int64)
+    queries = int(np.diff(s.indptr)[outputs].sum())
+    lookup = _Lookup(*du, n_in * n_in, queries)
     rows, cols, vals = [], [], []
-    for sel, d in _by_degree(np.diff(s.indptr)[outputs], WEDGE_BLOCK * 4):
-        k, _ = _neighbour_table(s, outputs[sel], d)  # (n, d) inputs of each b
-        value = du((inputs[sel, None] * n_in + k).reshape(-1))
+    for sel, degrees, d in _by_degree(np.diff(s.indptr)[outputs], WEDGE_BLOCK * 4):
+        k, _, valid = _neighbour_table(s, outputs[sel], degrees, d)  # (n, d) inputs of each b
+        value = lookup((inputs[sel, None] * n_in + k).reshape(-1)) * valid.reshape(-1)
         nz = np.flatnonzero(value)
         rows.append(sel[nz // d])
         cols.append(k.reshape(-1)[nz])
@@ -317,7 +331,7 @@ def _second_halves(layer: SparseLayer, edges: np.ndarray, du: _Lookup) -> sp.csr
 
 
 def _add_double_corrections(
-    out: torch.Tensor, layer: SparseLayer, dv: _Lookup, du: _Lookup, threads: int
+    out: torch.Tensor, layer: SparseLayer, dv: DeltaAt, du: DeltaAt, threads: int
 ) -> int:
     """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms."""
     a, edge, value = _wedge_triples(layer, dv)
@@ -380,9 +394,9 @@ def sparse_path_scores(
     )
     way_b = _add_product(out, x, s, threads)
     # 3) Σ dU · dV over the paths where both intermediates have another common neighbour
-    dv_lookup = _Lookup(c_out.rows[dv_at].astype(np.int64) * n_out + c_out.cols[dv_at], dv, n_out * n_out)
-    du_lookup = _Lookup(c_in.rows[du_at].astype(np.int64) * n_in + c_in.cols[du_at], du, n_in * n_in)
-    n_double = _add_double_corrections(out, layer, dv_lookup, du_lookup, threads)
+    dv_keys = c_out.rows[dv_at].astype(np.int64) * n_out + c_out.cols[dv_at]
+    du_keys = c_in.rows[du_at].astype(np.int64) * n_in + c_in.cols[du_at]
+    n_double = _add_double_corrections(out, layer, (dv_keys, dv), (du_keys, du), threads)
     log.debug(
         "sparse path scores %dx%d (nnz %d): U-term %s, V-correction %s, %d doubly corrected path terms",
         n_out,
