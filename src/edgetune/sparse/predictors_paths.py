@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 
 PathModel = Literal["ch3", "ch2"]
 DeltaAt = tuple[np.ndarray, np.ndarray]  # corrections: flat keys ``row * n + col`` and values
-LOOKUP_TABLE_MAX = (
-    2**24
-)  # key spaces up to this size (4096²) may use a dense lookup table, else a hash filter
+# lookups of corrections: a dense table for key spaces up to LOOKUP_TABLE_MAX (4096²) when there are at
+# least 1/LOOKUP_QUERIES_PER_ENTRY queries per entry (a table costs its pages), else a hash filter + search
+LOOKUP_TABLE_MAX = 2**24
+LOOKUP_QUERIES_PER_ENTRY = 8
 BLOCK_FLOPS = 2**22  # multiply-adds per row block of a sparse product (bounds its temporary output)
 WEDGE_BLOCK = 2**22  # wedges enumerated per block
 # seconds per operation on this project's 2-core CPU, one thread, float32 (used to pick the algorithm)
@@ -136,8 +137,7 @@ class _Lookup:
     """Values at integer keys ``< space``: a dense table for small spaces, else a hash filter + search."""
 
     def __init__(self, keys: np.ndarray, values: np.ndarray, space: int, queries: int) -> None:
-        # a table costs its pages (``space`` entries); worth it for many ``queries`` only
-        self.dense = space <= LOOKUP_TABLE_MAX and 8 * queries >= space
+        self.dense = space <= LOOKUP_TABLE_MAX and LOOKUP_QUERIES_PER_ENTRY * queries >= space
         self.dtype = values.dtype
         if self.dense:
             self.table = np.zeros(space, dtype=values.dtype)
@@ -229,11 +229,14 @@ def _add_spgemm(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, th
             run(block)
 
 
-def _add_product(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, threads: int) -> str:
+def _add_product(
+    out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, threads: int, way: str | None = None
+) -> str:
     """``out += left @ right`` (both CSR), by the cheapest of three ways; returns the way taken.
 
     ``sparse``: sparse-sparse product (cost ~ its multiply-adds); ``dense_right``: CSR(left) @ dense(right)
     (``nnz(left) · cols`` multiply-adds plus the dense operand); ``dense_left``: dense(left) @ CSR(right).
+    ``way`` forces one of them.
     """
     n, inner = left.shape
     m = right.shape[1]
@@ -244,7 +247,7 @@ def _add_product(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, t
         "dense_right": SEC_SPMM * left.nnz * m + SEC_DENSE * inner * m,
         "dense_left": SEC_SPMM * right.nnz * n + SEC_DENSE * n * inner,
     }
-    way = min(costs, key=costs.__getitem__)
+    way = way or min(costs, key=costs.__getitem__)
     if flops == 0:
         return way
     if way == "sparse":

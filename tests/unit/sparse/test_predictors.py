@@ -94,15 +94,17 @@ def test_equals_brute_force(method: str, shape: tuple[int, int, float, int]) -> 
 def test_exact_blocking_and_orientation_do_not_change_scores(model: str) -> None:
     mask = random_mask(24, 13, 0.3, 7)
     expected = reference_path_scores(mask, model)
-    # one input node per batched matmul (smallest block) versus everything in one block
-    torch.testing.assert_close(
-        path_scores(mask, model, dtype=torch.float64, block_bytes=1), expected, **EXACT
-    )
-    torch.testing.assert_close(
-        path_scores(mask, model, dtype=torch.float64, block_bytes=2**30), expected, **EXACT
-    )
+    # grouped algorithm: one input node per batched matmul (smallest block) versus everything in one block
+    for block in (1, 2**30):
+        torch.testing.assert_close(
+            path_scores(mask, model, dtype=torch.float64, block_bytes=block, algorithm="grouped"),
+            expected,
+            **EXACT,
+        )
     # score(Mᵀ) = score(M)ᵀ; the two calls group paths by different intermediates
-    torch.testing.assert_close(path_scores(mask.T, model, dtype=torch.float64).T, expected, **EXACT)
+    for algorithm in ("grouped", "sparse"):
+        scores_t = path_scores(mask.T, model, dtype=torch.float64, algorithm=algorithm)
+        torch.testing.assert_close(scores_t.T, expected, **EXACT)
 
 
 def test_hub_mask_uses_cheaper_orientation_and_stays_exact() -> None:
@@ -110,9 +112,12 @@ def test_hub_mask_uses_cheaper_orientation_and_stays_exact() -> None:
     mask[:, 0] = True  # input hub: grouping by input nodes would cost more than by output nodes
     mask[3, :] = True
     for model in ("ch3", "ch2"):
-        torch.testing.assert_close(
-            path_scores(mask, model, dtype=torch.float64), reference_path_scores(mask, model), **EXACT
-        )
+        for algorithm in ("grouped", "sparse"):
+            torch.testing.assert_close(
+                path_scores(mask, model, dtype=torch.float64, algorithm=algorithm),
+                reference_path_scores(mask, model),
+                **EXACT,
+            )
 
 
 @pytest.mark.parametrize("model", ["ch3", "ch2"])
@@ -257,6 +262,7 @@ def test_benchmark_rows_and_topk_agreement() -> None:
     rows = predictor_rows([(48, 40, 0.1)], ["ch3_l3", "ch2_l3n"], repeats=1, quality=True, num_threads=1)
     assert [r["method"] for r in rows] == ["ch3_l3", "ch2_l3n"]
     assert all(r["median_s"] > 0 and r["official_s"] is None and r["threads"] == 1 for r in rows)
+    assert rows[0]["algorithm"] in ("grouped", "sparse") and rows[1]["algorithm"] == "node"
     assert rows[0]["topk_overlap"] == rows[0]["topk_valid"] == 1.0  # float32 vs float64 exact: same pick
     mask = random_mask(30, 30, 0.1, 16)
     s = link_scores(mask, "ch3_l3", dtype=torch.float64)
