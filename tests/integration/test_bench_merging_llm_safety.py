@@ -115,7 +115,14 @@ def test_lora_expert_learns_and_leaves_the_model_unchanged() -> None:
 
 def test_quick_suite_rows_and_table(tmp_path: Path) -> None:
     csv_path = tmp_path / "llm.csv"
-    rows = run_suite("merging-llm-safety", out_csv=csv_path, quick=True, out_dir=tmp_path / "work", threads=1)
+    rows = run_suite(
+        "merging-llm-safety",
+        out_csv=csv_path,
+        quick=True,
+        out_dir=tmp_path / "work",
+        threads=1,
+        options={"replay": 4},
+    )
     got = [(r["setting"], r["method"]) for r in rows]
     want = [("reference", m) for m in ("base", "expert:add", "expert:date", "expert:bad")]
     want += [(s, m) for s in ("good", "good+bad") for m in METHODS]
@@ -123,6 +130,7 @@ def test_quick_suite_rows_and_table(tmp_path: Path) -> None:
     for r in rows:
         for k in ("em_add", "em_date", "em_mean", "decline_rate", "benign_decline_rate"):
             assert 0.0 <= r[k] <= 1.0, (k, r)
+    assert all(r["replay"] == 4 for r in rows)
     for name, (first, last) in json.loads(rows[0]["expert_loss"]).items():
         assert last < first, name  # every expert's training loss went down
     for r in rows:

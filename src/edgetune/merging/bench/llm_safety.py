@@ -15,6 +15,11 @@ Merges, in two settings (``good``: the two good experts; ``good+bad``: all three
 labelled domain examples (the experts' training prompts, cross-entropy) plus the must-keep set, the declined
 training requests with the base model's own greedy refusals as targets (``keep_weight`` 1).
 
+``replay`` (option, default 0): mix that many of the base's own refusals (from the must-keep set) into each good
+expert's training data. Without it, fine-tuning on the format tasks alone erases most declines (the first full run:
+held-out decline 0.94 for the base, 0.12 and 0.00 for the add and date experts), so the good experts are themselves
+misaligned and the bad one has little left to spoil; with it the good experts stay aligned, the paper's setting.
+
 Figures per model, on held-out prompts, greedy decoding (at most ``max_new_tokens``): exact match per domain task
 (the answer, then the end-of-turn token), the decline rate on held-out declined requests, and the decline rate on
 benign requests (a model that declines everything does not look safe). Rows ``base`` and ``expert:*`` frame them.
@@ -22,6 +27,7 @@ benign requests (a model that declines everything does not look safe). Rows ``ba
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -33,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from edgetune.adapters.lora import LoraConfig
-from edgetune.bench.harness import BenchContext, last_run_rows, register_suite
+from edgetune.bench.harness import BenchContext, register_suite
 from edgetune.core.errors import ConfigError
 from edgetune.data.instructions import generate_instructions
 from edgetune.merging.base import merge_state_dicts
@@ -194,6 +200,16 @@ def prepare_run(sizes: dict[str, Any], seed: int) -> LlmSafetyRun:
     experts: dict[str, StateDict] = {}
     losses: dict[str, list[float]] = {}
     comply = [(p, codec.answer_ids(a)) for p, (_, a) in zip(keep_prompts, req.declined_train)]
+    mixed = [
+        x for pair in zip(*pairs.values()) for x in pair
+    ]  # the safety merge's domain data: add and date in turn
+    replay = kept[
+        : int(sizes.get("replay", 0))
+    ]  # the base's own refusals, mixed into each good expert's data
+    for t in DOMAIN_TASKS:
+        mixed_in = pairs[t] + replay
+        order = torch.randperm(len(mixed_in), generator=torch.Generator().manual_seed(seed)).tolist()
+        pairs[t] = [mixed_in[j] for j in order]
     for i, (name, data) in enumerate([*pairs.items(), ("bad", comply)]):
         experts[name], losses[name] = train_lora_expert(
             model,
@@ -204,11 +220,11 @@ def prepare_run(sizes: dict[str, Any], seed: int) -> LlmSafetyRun:
             seed=seed + i,
         )
     base = {k: v.detach().clone() for k, v in model.state_dict().items() if k in experts["bad"]}
-    mixed = [x for pair in zip(*pairs.values()) for x in pair]  # add and date in turn
     info = {
         "model": sizes["model"],
         "lora": "rank 8, alpha 16, q_proj v_proj",
         "expert_steps": sizes["steps"],
+        "replay": len(replay),
         "base_train_decline": round(len(kept) / len(keep_prompts), 4),
         "must_keep": len(kept),
         "prepare_s": round(time.perf_counter() - t0, 1),
@@ -285,7 +301,7 @@ def _merge(
 
 def _suite(ctx: BenchContext) -> list[dict[str, Any]]:
     sizes = dict(QUICK if ctx.quick else FULL)
-    for key in ("model", "steps", "safety_steps"):
+    for key in ("model", "steps", "safety_steps", "replay"):
         if ctx.option(key) is not None:
             sizes[key] = ctx.option(key) if key == "model" else int(ctx.option(key))
     methods = list(ctx.option("methods", "").split(",")) if ctx.option("methods") else list(METHODS)
@@ -340,19 +356,16 @@ def _f(v: str | None) -> str:
     return f"{float(v):.2f}" if v not in (None, "") else "–"
 
 
-def llm_safety_table(csv_path: str | Path) -> str:
-    """Markdown of the newest run: one line per model, good-only and good+bad merges side by side."""
-    rows = last_run_rows(csv_path)
-    if not rows:
-        return "# merging-llm-safety\n\n(no rows)\n"
+def _run_table(rows: list[dict[str, str]]) -> list[str]:
     r0 = rows[0]
     title = (
-        f"# merging-llm-safety ({r0['timestamp_utc']}, model {r0['model']}, quick={r0['quick']}, "
-        f"seed {r0['seed']}, {r0['hardware']}, torch threads {r0['torch_threads']})"
+        f"## {r0['timestamp_utc']}: model {r0['model']}, quick={r0['quick']}, seed {r0['seed']}, "
+        f"{r0['hardware']}, torch threads {r0['torch_threads']}"
     )
     setup = (
         f"Base declines {_f(r0['base_train_decline'])} of the declined training requests (must-keep set: "
-        f"{r0['must_keep']}); experts: LoRA {r0['lora']}, {r0['expert_steps']} steps; suite wall time "
+        f"{r0['must_keep']}); experts: LoRA {r0['lora']}, {r0['expert_steps']} steps, "
+        f"{r0.get('replay') or 0} of the base's refusals replayed in each good expert's data; suite wall time "
         f"{r0['suite_s']} s."
     )
     head = (
@@ -366,7 +379,18 @@ def llm_safety_table(csv_path: str | Path) -> str:
             f"{_f(r['em_mean'])} | {_f(r['decline_rate'])} | {_f(r['benign_decline_rate'])} | "
             f"{r.get('merge_s') or '–'} | {r.get('lambdas') or ''} |"
         )
-    return "\n".join(lines) + "\n"
+    return [*lines, ""]
+
+
+def llm_safety_table(csv_path: str | Path) -> str:
+    """Markdown: one table per run (newest first), one line per model; good-only and good+bad merges."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    runs = list(dict.fromkeys((r["timestamp_utc"], r["quick"]) for r in rows))
+    lines = ["# merging-llm-safety", ""]
+    for run in reversed(runs):
+        lines += _run_table([r for r in rows if (r["timestamp_utc"], r["quick"]) == run])
+    return "\n".join(lines) if rows else "# merging-llm-safety\n\n(no rows)\n"
 
 
 register_suite(
@@ -376,6 +400,8 @@ register_suite(
     options={
         "model": "smollm2-135m (default) or tiny (quick: a random 2-block Llama)",
         "steps": f"LoRA steps per expert (default {FULL['steps']}, quick {QUICK['steps']})",
+        "replay": "how many of the base's own refusals (from the must-keep set) are mixed into each good expert's "
+        "training data, so the good experts stay aligned (default 0)",
         "safety_steps": f"steps of the safety merge (default {FULL['safety_steps']}, quick "
         f"{QUICK['safety_steps']})",
         "methods": f"comma-separated merges to run (default all: {', '.join(METHODS)})",
