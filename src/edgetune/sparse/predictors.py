@@ -3,7 +3,8 @@
 ``link_scores(mask, method)`` scores every candidate link of a layer mask ``(out, in)``:
 
 - ``"ch3_l3"`` / ``"ch2_l3"``: exact path-based CH3-L3 / CH2-L3 (CHT, ICLR 2024), computed with
-  batched matmuls (:mod:`edgetune.sparse.predictors_exact`);
+  batched matmuls (:mod:`edgetune.sparse.predictors_exact`) or, at low density on the CPU, sparse
+  products whose cost follows the length-3 paths (:mod:`edgetune.sparse.predictors_paths`);
 - ``"ch3_l3n"`` / ``"ch2_l3n"``: node-based approximations (CHTs, NeurIPS 2025), four chunked dense
   matmuls, independent of density (:mod:`edgetune.sparse.predictors_approx`).
 

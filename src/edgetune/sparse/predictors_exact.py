@@ -26,9 +26,11 @@ Factors whose denominator ``deg - C`` is 0 belong only to paths ending on existi
 forces ``a ∈ N(k)``) and are set to 0, as are factors with ``C = 0`` (no path). By the ``M ↔ Mᵀ``
 symmetry of the definitions, ``score(Mᵀ) = score(M)ᵀ``; the cheaper orientation is used.
 
-Measured on 2 shared CPU cores, one thread, float32 (CH3-L3, random masks): 1024² at 5% 0.22 s,
-2048² at 1% 0.39 s, 2048² at 5% 2.2 s, 4096² at 1% 2.9 s, 4096² at 5% 24 s — 15-68x faster than the
-official extension with two threads (10.5 s, 6.1 s, 152 s, 73 s, > 300 s).
+At low density most of that work multiplies zeros (``d_i² · I`` against ``d_i² · d_b`` useful
+multiply-adds), so on the CPU :func:`path_scores` picks, by a cost estimate from the degrees, the
+algorithm of :mod:`edgetune.sparse.predictors_paths` (sparse products whose cost follows the length-3
+paths; same scores) or this grouped one (``algorithm="auto"``, the default). Timings against the official
+code, measured side by side: ``bench/results/sparse-predictors.md``.
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ DeltaAt = tuple[np.ndarray, np.ndarray]  # corrections: flat keys ``row * n + co
 # least 1/LOOKUP_QUERIES_PER_ENTRY queries per entry (a table costs its pages), else a hash filter + search
 LOOKUP_TABLE_MAX = 2**24
 LOOKUP_QUERIES_PER_ENTRY = 8
+PAIRS_BELOW = 1.0  # find the doubly corrected paths from the pairs when under this x the wedges
 BLOCK_FLOPS = 2**22  # multiply-adds per row block of a sparse product (bounds its temporary output)
 WEDGE_BLOCK = 2**22  # wedges enumerated per block
 # seconds per operation on this project's 2-core CPU, one thread, float32 (used to pick the algorithm)
@@ -65,6 +66,7 @@ class SparseLayer:
     s: sp.csr_matrix
     st: sp.csr_matrix
     flat: np.ndarray
+    links: np.ndarray  # (O * I,) bool, the mask in row-major order
     deg_out: np.ndarray
     deg_in: np.ndarray
 
@@ -76,7 +78,8 @@ class SparseLayer:
 def layer_csr(mask: torch.Tensor, dtype: np.dtype) -> SparseLayer:
     """CSR form of a bool CPU mask ``(O, I)`` with unit data of numpy ``dtype``."""
     n_out, n_in = mask.shape
-    flat = np.flatnonzero(mask.contiguous().numpy().reshape(-1))
+    links = mask.contiguous().numpy().reshape(-1)
+    flat = np.flatnonzero(links)
     rows, cols = np.divmod(flat, n_in)
     idx = np.int32 if max(n_out, n_in, flat.size) < 2**31 else np.int64
     deg_out, deg_in = np.bincount(rows, minlength=n_out), np.bincount(cols, minlength=n_in)
@@ -85,7 +88,7 @@ def layer_csr(mask: torch.Tensor, dtype: np.dtype) -> SparseLayer:
     s = sp.csr_matrix((np.ones(flat.size, dtype), cols.astype(idx), indptr), shape=(n_out, n_in))
     st = s.T.tocsr()
     st.sort_indices()
-    return SparseLayer(s, st, flat, deg_out.astype(dtype), deg_in.astype(dtype))
+    return SparseLayer(s, st, flat, links, deg_out.astype(dtype), deg_in.astype(dtype))
 
 
 def lc_factor(common: np.ndarray, degree: np.ndarray, model: PathModel) -> np.ndarray:
@@ -309,45 +312,64 @@ def _wedge_triples(layer: SparseLayer, dv: DeltaAt) -> tuple[np.ndarray, np.ndar
     return a, edge, value
 
 
-def _second_halves(layer: SparseLayer, edges: np.ndarray, du: DeltaAt) -> sp.csr_matrix:
-    """``(len(edges), I)`` CSR: row ``j`` holds ``dU[i, k]`` for ``k ∈ N(b)``, ``(i, b)`` = ``st`` entry
-    ``edges[j]`` (the second halves ``i - b - k`` of the paths), edges batched by the degree of ``b``."""
-    st, s, n_in = layer.st, layer.s, layer.shape[1]
-    inputs = _rows_of(st)[edges].astype(np.int64)
-    outputs = st.indices[edges].astype(np.int64)
-    queries = int(np.diff(s.indptr)[outputs].sum())
-    lookup = _Lookup(*du, n_in * n_in, queries)
-    rows, cols, vals = [], [], []
-    for sel, degrees, d in _by_degree(np.diff(s.indptr)[outputs], WEDGE_BLOCK * 4):
-        k, _, valid = _neighbour_table(s, outputs[sel], degrees, d)  # (n, d) inputs of each b
-        value = lookup((inputs[sel, None] * n_in + k).reshape(-1)) * valid.reshape(-1)
-        nz = np.flatnonzero(value)
-        rows.append(sel[nz // d])
-        cols.append(k.reshape(-1)[nz])
-        vals.append(value[nz])
-    if not rows:
-        return sp.csr_matrix((edges.size, n_in), dtype=layer.deg_in.dtype)
-    coo = sp.coo_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(edges.size, n_in)
-    )
-    return coo.tocsr()
+def _pair_triples(layer: SparseLayer, dv: DeltaAt) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Same as :func:`_wedge_triples`, found from the pairs ``(a, b)`` with ``dV != 0`` (cheaper when they
+    are few): ``i`` runs over ``N(a)`` and is kept where ``(b, i)`` is a link. Returns output ``a``, the
+    flat index ``b * I + i`` of the link ``(b, i)``, and ``dV[a, b]``."""
+    n_out, n_in = layer.shape
+    a_p, b_p = np.divmod(dv[0], n_out)
+    rows = layer.s[a_p]  # (P, I): the inputs of each pair's a
+    pair = np.repeat(np.arange(a_p.size), np.diff(rows.indptr))
+    link = b_p[pair] * n_in + rows.indices
+    hit = np.flatnonzero(layer.links[link])
+    return a_p[pair[hit]], link[hit], dv[1][pair[hit]]
+
+
+def _second_halves(layer: SparseLayer, inputs: np.ndarray, outputs: np.ndarray, du: DeltaAt) -> sp.csr_matrix:
+    """``(E, I)`` CSR: row ``j`` holds ``dU[i, k]`` for ``k ∈ N(b)``, ``(i, b)`` = ``(inputs[j], outputs[j])``
+    (the second halves ``i - b - k`` of the paths)."""
+    n_in = layer.shape[1]
+    rows = layer.s[outputs]  # (E, I): the inputs k of each b
+    row = np.repeat(np.arange(inputs.size), np.diff(rows.indptr))
+    query = inputs[row].astype(np.int64) * n_in + rows.indices
+    value = _Lookup(*du, n_in * n_in, query.size)(query)
+    keep = value != 0
+    indptr = np.zeros(inputs.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row[keep], minlength=inputs.size), out=indptr[1:])
+    return sp.csr_matrix((value[keep], rows.indices[keep], indptr), shape=(inputs.size, n_in))
 
 
 def _add_double_corrections(
     out: torch.Tensor, layer: SparseLayer, dv: DeltaAt, du: DeltaAt, threads: int
 ) -> int:
-    """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms."""
-    a, edge, value = _wedge_triples(layer, dv)
+    """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms.
+
+    The first halves ``a - i - b`` with ``dV[a, b] != 0`` are found from the wedges through the input
+    nodes or from the pairs ``(a, b)``, whichever is fewer; each link ``(i, b)`` they use gets one row of
+    second halves ``dU[i, k]``, ``k ∈ N(b)``, and a sparse product sums the paths.
+    """
+    if dv[0].size == 0 or du[0].size == 0:
+        return 0
+    n_out, n_in = layer.shape
+    wedges = float(np.square(np.diff(layer.st.indptr).astype(np.float64)).sum())
+    by_pairs = float(layer.deg_out[dv[0] // n_out].sum())
+    if by_pairs < PAIRS_BELOW * wedges:
+        a, link, value = _pair_triples(layer, dv)
+        used, column = np.unique(link, return_inverse=True)
+        outputs, inputs = np.divmod(used, n_in)
+    else:
+        a, edge, value = _wedge_triples(layer, dv)
+        mark = np.zeros(layer.st.nnz, dtype=bool)
+        mark[edge] = True
+        used = np.flatnonzero(mark)
+        column = (np.cumsum(mark) - 1)[edge]
+        inputs, outputs = _rows_of(layer.st)[used], layer.st.indices[used]
     if a.size == 0:
         return 0
-    used = np.zeros(layer.st.nnz, dtype=bool)
-    used[edge] = True
-    used_edges = np.flatnonzero(used)
-    compact = np.cumsum(used) - 1
-    left_t = sp.csr_matrix((value, (a, compact[edge])), shape=(layer.shape[0], used_edges.size))
-    right = _second_halves(layer, used_edges, du)
+    left_t = sp.csr_matrix((value, (a, column)), shape=(n_out, used.size))
+    right = _second_halves(layer, inputs, outputs, du)
     _add_spgemm(out, left_t, right, threads)
-    return int(np.bincount(left_t.indices, minlength=used_edges.size) @ np.diff(right.indptr))
+    return int(np.bincount(left_t.indices, minlength=used.size) @ np.diff(right.indptr))
 
 
 def sparse_path_cost(deg_out: torch.Tensor, deg_in: torch.Tensor) -> float:

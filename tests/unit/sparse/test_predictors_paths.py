@@ -110,6 +110,9 @@ def test_blocks_threads_and_lookup_kinds_do_not_change_scores(
         torch.testing.assert_close(sparse(mask, model), expected, **EXACT)
     finally:
         torch.set_num_threads(threads)
+    for pairs_below in (0.0, float("inf")):  # first halves from the wedges, or from the pairs
+        monkeypatch.setattr(paths, "PAIRS_BELOW", pairs_below)
+        torch.testing.assert_close(sparse(mask, model), expected, **EXACT)
     monkeypatch.setattr(paths, "LOOKUP_QUERIES_PER_ENTRY", 10**9)  # dense lookup tables
     torch.testing.assert_close(sparse(mask, model), expected, **EXACT)
     monkeypatch.setattr(paths, "LOOKUP_TABLE_MAX", 0)  # hash filter + binary search
