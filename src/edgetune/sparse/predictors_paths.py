@@ -48,7 +48,7 @@ DeltaAt = tuple[np.ndarray, np.ndarray]  # corrections: flat keys ``row * n + co
 # lookups of corrections: a dense table for key spaces up to LOOKUP_TABLE_MAX (4096²) when there are at
 # least 1/LOOKUP_QUERIES_PER_ENTRY queries per entry (a table costs its pages), else a hash filter + search
 LOOKUP_TABLE_MAX = 2**24
-LOOKUP_QUERIES_PER_ENTRY = 8
+LOOKUP_QUERIES_PER_ENTRY = 16
 PAIRS_BELOW = 1.0  # find the doubly corrected paths from the pairs when under this x the wedges
 BLOCK_FLOPS = 2**22  # multiply-adds per row block of a sparse product (bounds its temporary output)
 WEDGE_BLOCK = 2**22  # wedges enumerated per block

@@ -125,7 +125,11 @@ def _quiet_stdout() -> Iterator[None]:
 
 
 def official_threads() -> int:
-    """OpenMP threads the extension uses: ``$OMP_NUM_THREADS`` if set, else every core."""
+    """OpenMP threads for the extension (its default): ``$OMP_NUM_THREADS`` if set, else every core.
+
+    In a process that imported torch the extension shares torch's OpenMP runtime, so callers set this
+    with ``torch.set_num_threads`` around its calls (``torch.set_num_threads`` would otherwise apply).
+    """
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else os.cpu_count() or 1
 
