@@ -11,7 +11,7 @@ from edgetune.bench import run_suite
 def test_quick_suite_streams(tmp_path: Path) -> None:
     rows = run_suite("merging-stream", out_csv=tmp_path / "ms.csv", quick=True, out_dir=tmp_path / "work", threads=1,
                      options={"size_mb": "16"})
-    assert [r["method"] for r in rows] == ["linear", "task_arithmetic", "ties", "dare"]
+    assert [r["method"] for r in rows] == ["linear", "task_arithmetic", "ties", "dare", "breadcrumbs"]
     for r in rows:
         assert 60 < r["inputs_mib"] < 70 and r["tensors"] > 100
         assert r["read_once_s"] > 0 and r["merge_s"] > 0

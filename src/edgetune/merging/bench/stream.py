@@ -5,7 +5,8 @@ each, float32, written with safetensors -- then merges them with :func:`~edgetun
 one method after another, and reports per method: the merge's wall time, the time to read every input once (the
 floor a streamed merge cannot beat; the files are in the page cache for both), and the process's resident-memory
 rise above its level before the merge, against the inputs' total size and the output's. A merge that loaded whole
-models would need about ``N x size`` of memory; streaming needs about ``(N + 2) x`` the largest tensor.
+models would need about ``N x size`` of memory; streaming needs about ``(N + 2) x`` the largest tensor (the inputs'
+tensors, the base's and the merged one: ``held_tensors`` is the peak in units of the largest tensor).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["write_checkpoints"]
 log = logging.getLogger(__name__)
 
 METHODS = ({"method": "linear"}, {"method": "task_arithmetic", "scaling": 0.5}, {"method": "ties", "density": 0.2},
-           {"method": "dare", "density": 0.5})
+           {"method": "dare", "density": 0.5}, {"method": "breadcrumbs", "density": 0.9, "beta": 0.01})
 
 
 def write_checkpoints(folder: Path, n: int, size_mb: float, width: int, seed: int = 0) -> tuple[list[Path], Path]:
@@ -78,7 +79,8 @@ def _suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
                      "read_once_s": rep.read_once_seconds,
                      "merge_over_read": rep.seconds / rep.read_once_seconds if rep.read_once_seconds else None,
                      "peak_rss_delta_mib": rep.peak_rss_delta_bytes / 2**20,
-                     "peak_over_inputs": rep.peak_rss_delta_bytes / inputs, "rss_source": rep.rss_source})
+                     "peak_over_inputs": rep.peak_rss_delta_bytes / inputs,
+                     "held_tensors": rep.peak_rss_delta_bytes / largest, "rss_source": rep.rss_source})
         out.unlink()
     return rows
 
