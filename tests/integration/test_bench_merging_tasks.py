@@ -1,5 +1,5 @@
-"""``merging-tasks`` suite (quick): every data-free merge method runs on five fine-tunes of one MLP backbone, the rows,
-table and plot are written, and the merges keep the tasks.
+"""``merging-tasks`` suite (quick): every merge method (data-free and data-aware) runs on five fine-tunes of one MLP
+backbone, the rows, table and plot are written, and the merges keep the tasks.
 
 Measured on the quick suite, seeds 0-5 (CPU, one thread, torch 2.13): the base backbone with the tasks' heads
 reaches 0.74-0.86 of the fine-tunes' accuracy (normalized); TIES 0.048-0.124 above it (its sign election keeps
@@ -48,6 +48,14 @@ def test_quick_suite_merges_keep_the_tasks(tmp_path: Path) -> None:
     assert all(0.0 <= r["acc"] <= 1.0 for r in rows)
     assert mean[("tasks", "ties")]["config"] and mean[("tasks", "ties")]["val_acc"] > 0.5
 
+    # data-aware methods run on their data (seed 0, quick: RegMean 0.98, Fisher 0.80, AdaMerging and safety 0.77, base
+    # 0.73; must-keep with the bad model: safety 0.62, AdaMerging 0.62, bad model alone 0.26)
+    assert {"fisher", "regmean", "adamerging", "safety"} <= set(methods)
+    assert all(mean[("tasks", m)]["data"] == "data-aware" for m in ("fisher", "regmean", "adamerging", "safety"))
+    assert mean[("tasks", "regmean")]["norm_acc"] > base + 0.1
+    assert mean[("tasks", "fisher")]["stats_s"] > 0
+    assert mean[("bad-model", "safety")]["must_keep_acc"] > 1.5 * bad_alone
+
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     table = out.with_suffix(".md").read_text()
@@ -55,13 +63,38 @@ def test_quick_suite_merges_keep_the_tasks(tmp_path: Path) -> None:
     assert (tmp_path / "work" / "merging-tasks.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize(("options", "words"), [({"backbone": "mobilenet-v2"}, "not supported yet"),
-                                                ({"methods": ["fisher"]}, "data-aware"),
+@pytest.mark.parametrize(("options", "words"), [({"backbone": "mobilenet-v2"}, "diverges"),
+                                                ({"methods": ["rebasin"]}, "whole-model"),
                                                 ({"methods": ["tie"]}, "not a registered"),
                                                 ({"tasks": ["digits"]}, "at least two")])
 def test_bad_options_are_refused_before_any_training(tmp_path: Path, options: dict[str, object], words: str) -> None:
-    if options.get("methods") == ["fisher"] and "fisher" not in runnable_methods()[1]:
-        pytest.skip("no data-aware method registered")
+    if options.get("methods") == ["rebasin"] and "rebasin" not in runnable_methods()[1]:
+        pytest.skip("no whole-model method registered")
     with pytest.raises(ConfigError, match=words):
         run_suite("merging-tasks", out_csv=tmp_path / "x.csv", quick=True, out_dir=tmp_path / "work", options=options)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_multi_head_gives_each_example_its_own_heads_logits() -> None:
+    """The module the data-aware methods run on: per example, the logits of its task's head on the shared backbone
+    (classes that head lacks far below), and a state dict that is the backbone's alone (prefixed ``body.``)."""
+    import torch
+    from torch import nn
+
+    from edgetune.merging.bench.task_data_aware import PAD, MultiHead
+    from edgetune.merging.bench.task_setup import Backbone
+    from edgetune.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(12, 4, widths=(8,))
+    bb = Backbone("mlp", model, "head", lambda m, x: m.features(x))
+    heads = [nn.Linear(8, 3), nn.Linear(8, 5), model.head]
+    mh = MultiHead(bb, heads)
+    assert set(mh.state_dict()) == {f"body.{k}" for k in model.state_dict() if not k.startswith("head.")}
+    x, task = torch.randn(6, 12), torch.tensor([0, 1, 2, 1, 0, 2])
+    out = mh(x, task)
+    assert out.shape == (6, 5)
+    for i in range(6):
+        want = bb.with_head(heads[int(task[i])])(x[i:i + 1])[0]
+        torch.testing.assert_close(out[i, :len(want)], want)
+        assert (out[i, len(want):] <= PAD / 2).all()

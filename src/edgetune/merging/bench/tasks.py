@@ -2,10 +2,11 @@
 
 Protocol (Ilharco et al. 2023, "Editing models with task arithmetic"; Yadav et al. 2023, TIES): one base backbone,
 fine-tuned separately on each task (:mod:`~edgetune.merging.bench.task_setup` has the tasks and the training); the
-fine-tuned backbones are merged with every data-free, per-tensor method of :data:`~edgetune.merging.MERGERS`, heads
-excluded (each task keeps its own); each task is then tested with the merged backbone and its own head. A method's
-``scaling`` (lambda) and density come from a small grid, picked on the tasks' validation splits (mean accuracy), never
-on test data. Figures: per-task test accuracy, its mean, and the normalized accuracy (merged / individually
+fine-tuned backbones are merged with every method of :data:`~edgetune.merging.MERGERS` but the whole-model ones,
+heads excluded (each task keeps its own); each task is then tested with the merged backbone and its own head. The
+data-aware methods (Fisher, RegMean, AdaMerging, safety) get the data their papers use, from the tasks' training
+splits (:mod:`~edgetune.merging.bench.task_data_aware`). A method's hyper-parameters (lambda, density, alpha,
+granularity, ...) come from a small grid, picked on the tasks' validation splits (mean accuracy), never on test data. Figures: per-task test accuracy, its mean, and the normalized accuracy (merged / individually
 fine-tuned, per task, averaged), beside references measured in the same run: each fine-tune alone (normalized 1),
 the base backbone with each task's fine-tuned head (the zero-shot-like lower bound), and the base backbone with a
 linear probe per task trained on all of the task's data (what a trained head alone reaches).
@@ -17,8 +18,8 @@ ones with the setting each method had chosen for them. Reported: the must-keep a
 the base head) and the tasks' figures, beside the same method's merge of the good models only; the difference is the
 damage the method lets through.
 
-Methods whose class has a true ``data_aware`` attribute (they need data: Fisher, RegMean, AdaMerging, ...) or a true
-``whole_model`` one (Git Re-Basin aligns whole models first) are left out and named in the log. Rows go through
+Methods whose class has a true ``whole_model`` attribute (Git Re-Basin aligns whole models trained from different
+inits) are left out and named in the log. Rows go through
 the harness (``bench/results/merging-tasks.{csv,md}``); the plot (``merging-tasks.png``) sits beside them.
 """
 
@@ -29,7 +30,7 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,13 @@ from edgetune.bench.harness import DEFAULT_RESULTS_DIR, BenchContext, register_s
 from edgetune.bench.plots import pyplot, save_figure
 from edgetune.core.errors import ConfigError
 from edgetune.merging.base import merge_state_dicts
+from edgetune.merging.bench import task_data_aware as da
 from edgetune.merging.bench.task_setup import (
     FULL,
     QUICK,
     TASKS,
     Backbone,
+    Sizes,
     Task,
     accuracy,
     backbone_of,
@@ -84,8 +87,8 @@ def runnable_methods() -> tuple[list[str], dict[str, str]]:
     run, skipped = [], {}
     for name in MERGERS.names():
         cls = MERGERS.get(name)
-        if getattr(cls, "data_aware", False):
-            skipped[name] = "data-aware (needs data to merge)"
+        if getattr(cls, "data_aware", False) and name not in da.DATA_AWARE:
+            skipped[name] = "data-aware, with no data wired for it in this suite"
         elif getattr(cls, "whole_model", False):
             skipped[name] = "whole-model (not a per-tensor merge of fine-tunes of one base)"
         else:
@@ -96,10 +99,11 @@ def runnable_methods() -> tuple[list[str], dict[str, str]]:
 def grid_for(method: str, quick: bool) -> list[dict[str, Any]]:
     """The hyper-parameter settings tried for ``method`` (a method unknown here: its defaults, with the lambda grid
     when its config has ``scaling``)."""
-    if quick and method in QUICK_GRIDS:
-        return QUICK_GRIDS[method]
-    if method in GRIDS:
-        return GRIDS[method]
+    quick_grids, grids = {**QUICK_GRIDS, **da.QUICK_GRIDS}, {**GRIDS, **da.GRIDS}
+    if quick and method in quick_grids:
+        return quick_grids[method]
+    if method in grids:
+        return grids[method]
     fields = MERGERS.entry(method).config.model_fields  # type: ignore[union-attr]
     return [{"scaling": s} for s in SUM] if "scaling" in fields else [{}]
 
@@ -125,14 +129,14 @@ class _Evaluator:
         return accuracy(self._load(self.base_model, backbone), self.must_keep.test, self.bb.prep)
 
 
-def _select(method: str, grid: list[dict[str, Any]], models: list[SD], base: SD, ev: _Evaluator,
-            seed: int) -> tuple[dict[str, Any], float, SD, float]:
+def _select(method: str, grid: list[dict[str, Any]], merge: Callable[[dict[str, Any]], SD],
+            ev: _Evaluator) -> tuple[dict[str, Any], float, SD, float]:
     """The grid setting with the best mean validation accuracy (the first on ties): (setting, val acc, merged
-    backbone, seconds of that merge)."""
+    backbone, seconds of that merge). ``merge(setting)``: the good models merged with it."""
     best: tuple[dict[str, Any], float, SD, float] | None = None
     for opts in grid:
         t0 = time.perf_counter()
-        merged = merge_state_dicts(models, {"method": method, "seed": seed, **opts}, base=base)
+        merged = merge(opts)
         secs = time.perf_counter() - t0
         val = statistics.mean(ev.tasks_acc(merged, "val"))
         log.debug("%s %s: val %.4f", method, opts, val)
@@ -179,6 +183,11 @@ class _Run:
     probe: _Evaluator  # each task with a linear probe of the base backbone
     ft: list[float]  # test accuracy of each fine-tune alone
     info: dict[str, Any]
+    bb: Backbone
+    tasks: list[Task]
+    heads: list[nn.Linear]  # each task's fine-tuned head
+    must_keep: Task
+    sizes: Sizes
 
 
 def _merge_rows(case: str, method: str, opts: dict[str, Any], merged: SD, run: _Run,
@@ -215,12 +224,14 @@ def _prepare(ctx: BenchContext, wanted: list[str]) -> _Run:
     names = [t.name for t in tasks]
     secs = time.perf_counter() - t0
     log.info("merging-tasks: fine-tuned %s in %.1f s, test accuracy %s", names, secs, [round(a, 4) for a in ft])
+    heads = [bb.head_of(m) for m in tuned]
     return _Run(names=names, base=backbone_of(bb.model.state_dict(), bb.head),
                 goods=[backbone_of(m.state_dict(), bb.head) for m in tuned],
                 bad=backbone_of(bad.state_dict(), bb.head),
-                ev=_Evaluator(bb, tasks, [bb.head_of(m) for m in tuned], must_keep),
+                ev=_Evaluator(bb, tasks, heads, must_keep),
                 probe=_Evaluator(bb, tasks, probes, must_keep), ft=ft,
-                info={"backbone": bb.name, "tasks": ",".join(names), "setup_s": secs, **bb.info})
+                info={"backbone": bb.name, "tasks": ",".join(names), "setup_s": secs, **bb.info},
+                bb=bb, tasks=tasks, heads=heads, must_keep=must_keep, sizes=sizes)
 
 
 def _references(run: _Run) -> list[dict[str, Any]]:
@@ -239,8 +250,8 @@ def _references(run: _Run) -> list[dict[str, Any]]:
 @register_suite(
     "merging-tasks",
     summary="multi-task merging of fine-tunes (task heads kept): normalized accuracy per method, one bad model",
-    options={"backbone": "mlp (default: an edgetune MLP pretrained here); mobilenet-v2 is not supported yet",
-             "methods": "merge methods to run (default: every registered data-free per-tensor method)",
+    options={"backbone": "mlp (default: an edgetune MLP pretrained here); mobilenet-v2 is refused (see its error)",
+             "methods": "merge methods to run (default: every registered method but the whole-model ones)",
              "tasks": f"the tasks to fine-tune and merge (default all: {', '.join(TASKS)})",
              "plot_dir": "folder of merging-tasks.png (default bench/results; quick: the scratch folder)"},
     table=lambda path: tasks_table(path))
@@ -249,15 +260,36 @@ def _merging_tasks(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     check_backbone(str(ctx.option("backbone", "mlp")))
     run = _prepare(ctx, _tasks(ctx.option("tasks")))
     rows = _references(run)
-    for method in methods:
-        grid = grid_for(method, ctx.quick)
-        opts, val, merged, secs = _select(method, grid, run.goods, run.base, run.ev, ctx.seed)
-        rows += _merge_rows("tasks", method, opts, merged, run, n_models=len(run.goods), val_acc=val,
-                            grid=len(grid), merge_s=secs)
+    aware = None
+    if any(m in da.DATA_AWARE for m in methods):
         t0 = time.perf_counter()
-        merged = merge_state_dicts([*run.goods, run.bad], {"method": method, "seed": ctx.seed, **opts}, base=run.base)
+        aware = da.DataAwareMerges(run.bb, run.tasks, run.heads, run.must_keep, run.base, [*run.goods, run.bad],
+                                   da.QUICK_DATA if ctx.quick else da.FULL_DATA, ctx.seed)
+        log.info("merging-tasks: data of the data-aware methods ready in %.1f s", time.perf_counter() - t0)
+    goods, with_bad = list(range(len(run.goods))), list(range(len(run.goods) + 1))
+    for method in methods:
+        if method in da.DATA_AWARE:
+            assert aware is not None
+            def merge(opts: dict[str, Any], idx: list[int], method: str = method) -> SD:
+                return aware.merge(method, opts, idx)
+        else:
+            def merge(opts: dict[str, Any], idx: list[int], method: str = method) -> SD:
+                models = [*run.goods, run.bad]
+                return merge_state_dicts([models[i] for i in idx], {"method": method, "seed": ctx.seed, **opts},
+                                         base=run.base)
+        grid = grid_for(method, ctx.quick)
+        opts, val, merged, secs = _select(method, grid, lambda o: merge(o, goods), run.ev)
+        data = "data-aware" if method in da.DATA_AWARE else "data-free"
+        rows += _merge_rows("tasks", method, opts, merged, run, n_models=len(run.goods), val_acc=val,
+                            grid=len(grid), merge_s=secs, data=data)
+        t0 = time.perf_counter()
+        merged = merge(opts, with_bad)
         rows += _merge_rows("bad-model", method, opts, merged, run, n_models=len(run.goods) + 1,
-                            merge_s=time.perf_counter() - t0)
+                            merge_s=time.perf_counter() - t0, data=data)
+        if aware is not None and method in aware.stats_s:  # statistics computed once, inside the first merges
+            for r in rows[-2 * (len(run.names) + 1):]:
+                if r["task"] == "mean":
+                    r["stats_s"] = aware.stats_s[method]
     plot_dir = Path(ctx.option("plot_dir", ctx.out_dir if ctx.quick else DEFAULT_RESULTS_DIR))
     log.info("merging-tasks: plot in %s", plot_merging(rows, plot_dir / "merging-tasks.png"))
     for r in rows:
@@ -274,7 +306,8 @@ def plot_merging(rows: list[dict[str, Any]], path: str | Path) -> Path:
     tasks = [r for r in mean if r["case"] == "tasks"]
     merges = [r["method"] for r in tasks if r["kind"] == "merge"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
-    colours = ["0.35" if r["kind"] == "reference" else "C0" for r in tasks]
+    colours = ["0.35" if r["kind"] == "reference" else "C2" if r.get("data") == "data-aware" else "C0"
+               for r in tasks]
     a1.bar([r["method"] for r in tasks], [r["norm_acc"] for r in tasks], color=colours)
     for i, r in enumerate(tasks):
         a1.text(i, r["norm_acc"] + 0.005, f"{r['norm_acc']:.3f}", ha="center", fontsize=8)
@@ -319,8 +352,10 @@ def tasks_table(csv_path: str | Path) -> str:
                 f"its own head; fine-tunes trained in {float(mine[0]['setup_s']):.0f} s")
         cols = ("| method | avg acc | normalized acc | must-keep acc | + bad model: avg acc | normalized acc | "
                 "must-keep acc | setting (chosen on validation) |")
+        aware = [m for m in methods if any(r.get("data") == "data-aware" for r in mine if r["method"] == m)]
         note = ("must-keep acc: base-task test accuracy with the base head (fine-tuned: the mean over the fine-tunes); "
-                "+ bad model: the same merge, same setting, with the bad fine-tune added")
+                "+ bad model: the same merge, same setting, with the bad fine-tune added"
+                + (f"; data-aware: {', '.join(aware)} (data from the tasks' training splits)" if aware else ""))
         lines += [head, "", note, "", cols, "|---|" + "---|" * 7]
         for m in [*methods, "bad model alone"]:
             t, b = mean.get(("tasks", m), {}), mean.get(("bad-model", m), {})
