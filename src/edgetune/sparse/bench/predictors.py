@@ -100,15 +100,18 @@ def topk_agreement(
     return overlap, valid
 
 
-def _time(fn: Any, repeats: int, device: torch.device) -> float:
+def _time(fn: Any, repeats: int, device: torch.device, min_seconds: float = 0.0) -> float:
+    """Median seconds of at least ``repeats`` calls after a warm-up, more (at most 100) until
+    ``min_seconds`` are spent: on a shared machine the median of many fast calls resists a burst."""
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     fn()  # warm-up
     sync()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < min_seconds and len(times) < 100):
         start = time.perf_counter()
         fn()
         sync()
@@ -137,6 +140,7 @@ def predictor_rows(
     num_threads: int | None = None,
     official: ModuleType | None = None,
     official_repeats: int = 1,
+    min_seconds: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Time each predictor on a seeded random mask of each size ``(n_out, n_in, density)``.
 
@@ -147,7 +151,8 @@ def predictor_rows(
     ~5x slower than 1 thread.
 
     ``official``: the official ``CH_scores`` module (:func:`.official_cht.load_official`). Exact methods are
-    then also timed with it on the same mask in the same process (median of ``official_repeats`` calls, its
+    then also timed with it on the same mask in the same process (median of ``official_repeats`` calls or more,
+    as for edgetune until ``min_seconds`` are spent, no warm-up call), its
     OpenMP threads: ``official_threads``), with ``official_max_abs_diff`` = largest difference to edgetune's
     float64 scores; ``official_s`` stays None without it or where the official code would not end in
     minutes (``official_note`` says why).
@@ -161,7 +166,7 @@ def predictor_rows(
             row
             for size in sizes
             for row in _size_rows(
-                size, methods, repeats, device, seed, dtype, quality, official, official_repeats
+                size, methods, repeats, device, seed, dtype, quality, official, official_repeats, min_seconds
             )
         ]
     finally:
@@ -169,20 +174,20 @@ def predictor_rows(
 
 
 def _official_columns(
-    official: ModuleType, mask: torch.Tensor, method: str, repeats: int, paths: int
+    official: ModuleType, mask: torch.Tensor, method: str, repeats: int, paths: int, min_seconds: float
 ) -> dict[str, Any]:
     n_out, n_in = mask.shape
     if n_out + n_in > OFFICIAL_MAX_NODES or paths > OFFICIAL_MAX_PATHS:
         return {
             "official_note": f"not run: over {OFFICIAL_MAX_NODES} nodes or {OFFICIAL_MAX_PATHS:.0e} paths"
         }
-    times = []
     torch_threads = torch.get_num_threads()
     # the extension loads torch's OpenMP runtime (same libgomp.so.1), whose thread count torch sets: give
     # it its own default (every core) for its calls, then restore edgetune's
     torch.set_num_threads(official_threads())
     try:
-        for _ in range(max(1, repeats)):
+        times: list[float] = []
+        while len(times) < max(1, repeats) or (sum(times) < min_seconds and len(times) < 100):
             start = time.perf_counter()
             theirs = official_scores(official, mask, method)
             times.append(time.perf_counter() - start)
@@ -206,6 +211,7 @@ def _size_rows(
     quality: bool,
     official: ModuleType | None,
     official_repeats: int,
+    min_seconds: float,
 ) -> list[dict[str, Any]]:
     n_out, n_in, density = size
     mask = random_mask(n_out, n_in, density, seed).to(device)
@@ -214,7 +220,7 @@ def _size_rows(
     reference = link_scores(mask, "ch3_l3", dtype=torch.float64) if quality else None
     rows: list[dict[str, Any]] = []
     for method in methods:
-        seconds = _time(lambda m=method, x=mask: link_scores(x, m, dtype=dtype), repeats, device)
+        seconds = _time(lambda m=method, x=mask: link_scores(x, m, dtype=dtype), repeats, device, min_seconds)
         exact = method in OFFICIAL_MODEL_INDEX
         row: dict[str, Any] = {
             "method": method,
@@ -230,7 +236,7 @@ def _size_rows(
             "official_s": None,
         }
         if official is not None and exact:
-            row.update(_official_columns(official, mask, method, official_repeats, paths))
+            row.update(_official_columns(official, mask, method, official_repeats, paths, min_seconds))
         row["speedup_vs_official"] = None if row["official_s"] is None else row["official_s"] / seconds
         if reference is not None:
             row["topk_overlap"], row["topk_valid"] = topk_agreement(
@@ -284,8 +290,9 @@ def predictors_table(csv_path: str | Path) -> str:
         "official_src": "folder of the official CHT repository; built and timed on the same masks (default: none)",
         "sizes": "layers as [[out, in, density], ...] (default 1024²-4096² at 1%/5% and 16384² at 0.1%)",
         "methods": "predictors (default [ch3_l3])",
-        "repeats": "timed calls of edgetune per layer, median, after a warm-up (default 3)",
-        "official_repeats": "timed calls of the official code per layer, median (default 1)",
+        "repeats": "timed calls of edgetune per layer (at least), median, after a warm-up (default 3)",
+        "min_seconds": "more timed calls until this many seconds, for edgetune and the official code (default 2)",
+        "official_repeats": "timed calls of the official code per layer (at least), median (default 1)",
         "threads": "torch CPU threads for edgetune (default: torch's)",
         "dtype": "float32 | float64 (default float32)",
     },
@@ -303,6 +310,7 @@ def _sparse_predictors_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         sizes, methods if isinstance(methods, list) else [methods], repeats=int(ctx.option("repeats", 3)),
         device=ctx.device, seed=ctx.seed, dtype=dtype, num_threads=None if threads is None else int(threads),
         official=official, official_repeats=int(ctx.option("official_repeats", 1)),
+        min_seconds=float(ctx.option("min_seconds", 0.0 if ctx.quick else 2.0)),
     )  # fmt: skip
 
 
