@@ -13,16 +13,18 @@ corrections ``dU``, ``dV`` live on node pairs with at least two common neighbour
     score = M (U ⊙ Cv)  +  (dV ⊙ Cu) M  +  Σ_{paths} dU[i, k] · dV[a, b]
 
 with the weighted counts ``Cv = Mᵀ diag(v1) M`` (``Cv[i, k] = Σ_{b ∈ N(i) ∩ N(k)} v1[b]``) and
-``Cu = M diag(u1) Mᵀ``. Every term is exact: the first two are sparse-sparse products (or, once the
-second factor is dense enough, a CSR-times-dense product), the last enumerates only the paths on which
-*both* intermediates have another common neighbour — under 1% of the paths at 1024² 1%, a third at
-4096² 1%. The counts come with their weighted sums from one complex product
+``Cu = M diag(u1) Mᵀ``. Every term is exact: the first two are sparse-sparse products (or, once one
+factor is dense enough, a CSR-times-dense product), the last enumerates only the paths on which *both*
+intermediates have another common neighbour — 2% of the paths of a random 1024² mask at 1%, 12% at
+4096² 1% (it grows like ``(I p²)(O p²)``; :func:`sparse_path_cost` estimates it, and
+:func:`edgetune.sparse.predictors_exact.path_scores` switches to the grouped algorithm where it would
+dominate). The counts come with their weighted sums from one complex product
 (``Mᵀ diag(1 + j·v1) M``: real part ``C_in``, imaginary part ``Cv``). Paths with ``b = a`` end on
 existing links, which are overwritten with ``fill_existing``.
 
-Work: ``O(nnz · I)`` at most for the first two terms, the corrected paths for the last, and the
-``(O, I)`` result; no ``(O+I)²`` buffer. scipy's sparse products release the GIL, so row blocks run on
-``torch.get_num_threads()`` threads.
+Work: ``O(nnz · I)`` at most for the first two terms, the corrected paths for the last, the wedges or
+pairs that find them, and the ``(O, I)`` result; no ``(O+I)²`` buffer. scipy's sparse products release
+the GIL, so row blocks run on ``torch.get_num_threads()`` threads (one is faster on a busy machine).
 """
 
 from __future__ import annotations
