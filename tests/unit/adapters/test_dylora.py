@@ -226,7 +226,8 @@ def test_rank_verbs() -> None:
         truncate_adapter_(model, 2)
         assert model[0].adapters["default"].lora_A.shape == (2, 6)
         assert ad.adapter_configs(model)["default"].rank == 2
-        torch.testing.assert_close(model(x), outs[2], rtol=0, atol=1e-6)
+        # same maths, another summation order (rank-2 factors vs the first 2 of rank 4): float32 rounding only
+        torch.testing.assert_close(model(x), outs[2], rtol=1e-5, atol=1e-5)
         with ad.disable_adapters(model):
             torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
     lora = ad.add_adapter_(_mlp(), rank=2)
