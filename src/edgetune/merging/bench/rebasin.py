@@ -22,7 +22,8 @@ from torch import Tensor
 from edgetune.bench.harness import BenchContext, register_suite
 from edgetune.bench.plots import pyplot, save_figure
 from edgetune.data import DataConfig, load_dataset
-from edgetune.merging.rebasin import interpolate_state_dicts, rebasin_align, spec_from_model
+from edgetune.merging.barrier import interpolate_state_dicts
+from edgetune.merging.rebasin import rebasin_align, spec_from_model
 from edgetune.models import MLP
 
 __all__ = ["barrier_curves", "summarize", "train_mlp", "write_plot"]  # and the merging-rebasin bench suite
