@@ -57,7 +57,9 @@ class SparseConfig(Config):
         from the first to the second value until the stop (default 1 -> 3, the MLP/Transformer code;
         the official LLM runs use 1 -> 9).
     percolation: cut hidden neurons left without inputs or outputs along each layer chain; their
-        links go to the regrowth budget.
+        links go to the regrowth budget. percolation_refund: false regrows only what the removal rule
+        (and density decay) cut plus the schedule's growth, not what percolation cut (the official EM_S
+        scheduler's fixed regrowth), so a percolating run can end below its density.
     skip_step_on_update: skip the optimizer step on update iterations (as the CHT and RigL code do).
     early_stop_overlap: freeze a layer once the overlap of its removed and regrown links exceeds it.
     initial_density / decay_steepness: gradual density decay (CHTss sigmoid) from initial_density to
@@ -90,6 +92,7 @@ class SparseConfig(Config):
     predictor: Predictor | None = None
     temperature: tuple[float, float] | None = None
     percolation: bool | None = None
+    percolation_refund: bool = True
     skip_step_on_update: bool | None = None
     early_stop_overlap: float | None = Field(default=None, gt=0, le=1)
     initial_density: float | None = Field(default=None, gt=0, le=1)

@@ -59,6 +59,7 @@ class _LayerUpdate:
     old: torch.Tensor  # mask before the update
     mask: torch.Tensor  # mask after removal, then after percolation
     target: int  # link count after regrowth
+    after_removal: int = 0  # link count after removal, before percolation
 
 
 load_rules()
@@ -244,7 +245,9 @@ class SparseEngine(Callback):
                 lambda: self.removal.fn(w.cpu(), mask.cpu(), k, ctx),
             )
             mask &= ~rem.to(mask.device)
-        return _LayerUpdate(name=name, layer=layer, weight=w, old=old, mask=mask, target=target)
+        return _LayerUpdate(
+            name=name, layer=layer, weight=w, old=old, mask=mask, target=target, after_removal=int(mask.sum())
+        )
 
     def _percolate(self, work: list[_LayerUpdate]) -> None:
         """Percolation step: cut hidden neurons left without inputs or outputs along every chain."""
@@ -265,7 +268,9 @@ class SparseEngine(Callback):
         mask = u.mask
         removed = u.old & ~mask
         # a frozen layer removes nothing itself but regrows what percolation cut, so its density holds
-        k = max(0, u.target - int(mask.sum())) if self.regrowth.evolves else 0
+        # percolation_refund=False: what percolation cut is not regrown (the official EM_S scheduler)
+        have = int(mask.sum()) if self.cfg.percolation_refund else u.after_removal
+        k = max(0, min(u.target - have, mask.numel() - int(mask.sum()))) if self.regrowth.evolves else 0
         gen = self._generator(step, i + 7919, torch.device("cpu"))
         if k:
             ctx = self._rule_context(step, i, u.name, gen, 0.0, "regrowth")

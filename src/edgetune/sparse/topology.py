@@ -20,7 +20,9 @@ import math
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from edgetune.core.config import Config
 from edgetune.core.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -229,12 +231,34 @@ def correlated_sparse_topology(
 
 
 # ----------------------------------------------------------------------------------- registered rules
+class CstiOptions(Config):
+    """hidden: what layers not fed by the data get: ``er`` (Erdos-Renyi) or ``tiled`` (the input-feature
+    correlation tiled over the layer, as the official MLP code does with ``--dim 2``; see
+    :mod:`edgetune.sparse.rules.csti_tiled`). samples: training inputs used for the correlation."""
+
+    hidden: Literal["er", "tiled"] = "er"
+    samples: int = Field(default=10_000, ge=2)
+
+
 def _csti(out_f: int, in_f: int, density: float, ctx: Any) -> torch.Tensor:
-    """CSTI on the layer's inputs when they are the data (first 10,000 samples); Erdős–Rényi otherwise."""
+    """CSTI on the layer's inputs when they are the data (first ``samples`` inputs); hidden layers per
+    ``hidden``: Erdős–Rényi, or the data's correlation tiled (official)."""
+    opts = ctx.options if ctx.options is not None else CstiOptions()
     if ctx.train_inputs is not None:
         x = ctx.train_inputs.reshape(ctx.train_inputs.shape[0], -1)
+        if opts.hidden == "tiled":
+            from edgetune.sparse.rules.csti_tiled import data_correlation, tiled_correlated_topology
+
+            corr = data_correlation(ctx.train_inputs, opts.samples)
+            return tiled_correlated_topology(corr, out_f, in_f, density, ctx.generator)
         if x.shape[1] == in_f:
-            return correlated_sparse_topology(x[:10_000].double(), out_f, density, ctx.generator)
+            return correlated_sparse_topology(x[: opts.samples].double(), out_f, density, ctx.generator)
+    elif opts.hidden == "tiled":
+        raise ConfigError(
+            f"sparse layer {ctx.layer!r}: topology csti with hidden=tiled needs the training inputs (the feature "
+            "correlation), but none were given; run it from a recipe (the runner passes them), call "
+            "sparsify_(..., train_inputs=x), or choose topology=er"
+        )
     return erdos_renyi(out_f, in_f, density, ctx.generator)
 
 
@@ -261,8 +285,11 @@ def _register() -> None:
             "bipartite receptive field: links decay with ring distance (randomness brf_r)",
         ),
         "csti": (
-            TopologyRule(_csti, needs_data=True),
-            "correlated sparse topology from the training inputs (layers not fed by the data: er)",
+            TopologyRule(_csti, options=CstiOptions, needs_data=True),
+            (
+                "correlated sparse topology from the training inputs (layers not fed by the data: er, or the "
+                "correlation tiled with hidden=tiled, as the official MLP code)"
+            ),
         ),
     }
     for name, (rule, text) in rules.items():

@@ -5,4 +5,4 @@ of their modules (removal.py, regrowth.py, topology.py, init.py, schedules.py); 
 :mod:`edgetune.sparse.strategies` for the registries and the signatures.
 """
 
-from edgetune.sparse.rules import em_s, mest  # noqa: F401  (registration)
+from edgetune.sparse.rules import em_s, mest, swi_out  # noqa: F401  (registration)
