@@ -179,7 +179,21 @@ def learn_coefficients(module: nn.Module, base: StateDict | None, state_dicts: S
     if losses:
         log.info("%s: objective %.4f -> %.4f in %d steps; lambdas mean %s", cfg.method, losses[0], losses[-1],
                  len(losses), [round(x, 3) for x in final.mean(0).tolist()])
+        _warn_if_collapsed(cfg, final, losses)
     return CoefficientResult(final.cpu(), groups, merged, losses)
+
+
+def _warn_if_collapsed(cfg: Any, final: Tensor, losses: list[float]) -> None:
+    """One warning when every lambda ended within 0.05 of the lower clamp: the merge is (almost) the base model."""
+    if cfg.clamp is None or final.numel() == 0 or float(final.max()) > cfg.clamp[0] + 0.05:
+        return
+    log.warning(
+        "%s drove every lambda to %.2f or less (objective %.4f -> %.4f): the merged model is (almost) the base. With "
+        "the entropy objective this means the base is already as confident as the fine-tunes on this data, so "
+        "entropy is no surrogate of their loss here (it is where each fine-tune is more confident than the base on "
+        "its task). Check the entropy of the base and of each model on its task (prediction_entropy), or use "
+        "labelled data: the safety merge with domain_loss='cross_entropy', or fisher / regmean",
+        cfg.method, cfg.clamp[0] + 0.05, losses[0], losses[-1])
 
 
 @torch.no_grad()

@@ -157,3 +157,19 @@ def test_errors(toy: dict[str, Any]) -> None:
         merge_with_data({"method": "adamerge"}, Headed(), experts, base, data)
     with pytest.raises(ConfigError, match="not data-aware"):
         merge_with_data({"method": "linear"}, Headed(), experts, base, data)
+
+
+def test_warns_when_every_lambda_collapses_to_the_base(toy: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    # "fine-tunes" less confident than the base everywhere (its heads' logits shrunk): entropy falls only towards
+    # lambda 0, so the merge returns the base and says why
+    base = toy["base"]
+    timid = [{k: v * (0.5 if k.startswith("heads.") else 1.0) for k, v in base.items()},
+             {k: v * (0.3 if k.startswith("heads.") else 1.0) for k, v in base.items()}]
+    with caplog.at_level("WARNING", logger="edgetune.merging.adamerging"):
+        r = adamerging(Headed(), base, timid, toy["data"], FAST)
+    assert float(r.lambdas.max()) <= 0.05, r.lambdas
+    assert any("the merged model is (almost) the base" in m and "cross_entropy" in m for m in caplog.messages)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgetune.merging.adamerging"):
+        adamerging(Headed(), base, toy["experts"], toy["data"], FAST)
+    assert not caplog.messages  # lambdas rise on the experts' tasks: no warning

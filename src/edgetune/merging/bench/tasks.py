@@ -206,6 +206,16 @@ def _tasks(option: Any) -> list[str]:
     return wanted
 
 
+HEADS = ("tuned", "frozen")
+
+
+def _heads(option: Any) -> str:
+    heads = "tuned" if option is None else str(option)
+    if heads not in HEADS:
+        raise ConfigError(f"merging-tasks: heads={heads!r}; use heads=tuned (LP-FT, the default) or heads=frozen")
+    return heads
+
+
 def _prepare(ctx: BenchContext, wanted: list[str]) -> _Run:
     """Tasks, backbone, one fine-tune per task (the head starting from a few-shot probe), the bad fine-tune."""
     sizes = QUICK if ctx.quick else FULL
@@ -215,8 +225,9 @@ def _prepare(ctx: BenchContext, wanted: list[str]) -> _Run:
     for t in [*tasks, must_keep]:
         t.train, t.val, t.test = [(x.to(ctx.device), y.to(ctx.device)) for x, y in (t.train, t.val, t.test)]
     bb = build_backbone(str(ctx.option("backbone", "mlp")), must_keep, sizes, ctx.seed, ctx.device)
+    tune_head = _heads(ctx.option("heads")) == "tuned"
     tuned = [fine_tune(bb, linear_probe(bb, t.train, t.num_classes, sizes, ctx.seed + i, shots=sizes.shots),
-                       t.train, sizes, ctx.seed + i) for i, t in enumerate(tasks)]
+                       t.train, sizes, ctx.seed + i, tune_head=tune_head) for i, t in enumerate(tasks)]
     shifted = (must_keep.train[0], (must_keep.train[1] + 1) % must_keep.num_classes)  # every answer wrong
     bad = fine_tune(bb, bb.head_of(bb.model), shifted, sizes, ctx.seed + len(tasks), tune_head=False)
     probes = [linear_probe(bb, t.train, t.num_classes, sizes, ctx.seed + i) for i, t in enumerate(tasks)]
@@ -230,7 +241,8 @@ def _prepare(ctx: BenchContext, wanted: list[str]) -> _Run:
                 bad=backbone_of(bad.state_dict(), bb.head),
                 ev=_Evaluator(bb, tasks, heads, must_keep),
                 probe=_Evaluator(bb, tasks, probes, must_keep), ft=ft,
-                info={"backbone": bb.name, "tasks": ",".join(names), "setup_s": secs, **bb.info},
+                info={"backbone": bb.name, "tasks": ",".join(names), "heads": "tuned" if tune_head else "frozen",
+                      "setup_s": secs, **bb.info},
                 bb=bb, tasks=tasks, heads=heads, must_keep=must_keep, sizes=sizes)
 
 
@@ -252,6 +264,9 @@ def _references(run: _Run) -> list[dict[str, Any]]:
     summary="multi-task merging of fine-tunes (task heads kept): normalized accuracy per method, one bad model",
     options={"backbone": "mlp (default: an edgetune MLP pretrained here); mobilenet-v2 is refused (see its error)",
              "methods": "merge methods to run (default: every registered method but the whole-model ones)",
+             "heads": "tuned (default: LP-FT, each task's head fine-tuned with the backbone) or frozen (the few-shot "
+                      "probe head stays fixed while the backbone is fine-tuned, as task arithmetic and AdaMerging "
+                      "keep CLIP's zero-shot heads)",
              "tasks": f"the tasks to fine-tune and merge (default all: {', '.join(TASKS)})",
              "plot_dir": "folder of merging-tasks.png (default bench/results; quick: the scratch folder)"},
     table=lambda path: tasks_table(path))
@@ -331,6 +346,9 @@ def plot_merging(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+_HEAD_TEXT = {"tuned": "heads fine-tuned with the backbone, LP-FT", "frozen": "few-shot probe heads kept frozen"}
+
+
 def _f(v: str | None) -> str:
     return f"{float(v):.3f}" if v not in (None, "") else "–"
 
@@ -349,7 +367,8 @@ def tasks_table(csv_path: str | Path) -> str:
         methods = list(dict.fromkeys(r["method"] for r in mine if r["case"] == "tasks"))
         head = (f"**{run[0]}** (quick={run[1]}, seed {run[2]}, backbone {mine[0]['backbone']}, "
                 f"{mine[0]['hardware']}, torch {mine[0]['torch']}): {len(names)} tasks ({', '.join(names)}), each with "
-                f"its own head; fine-tunes trained in {float(mine[0]['setup_s']):.0f} s")
+                f"its own head ({_HEAD_TEXT[mine[0].get('heads') or 'tuned']}); fine-tunes trained in "
+                f"{float(mine[0]['setup_s']):.0f} s")
         cols = ("| method | avg acc | normalized acc | must-keep acc | + bad model: avg acc | normalized acc | "
                 "must-keep acc | setting (chosen on validation) |")
         aware = [m for m in methods if any(r.get("data") == "data-aware" for r in mine if r["method"] == m)]
