@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,data]"
+	@$(PY) -m edgetune.sparse.native build || echo "note: native sparse kernels not built (needs g++ with OpenMP); SparseLinear falls back to torch.sparse"
 	@touch $(STAMP)
 
 # Fashion-MNIST from Debian (about 30 MB) when possible; otherwise the default recipe falls back to digits.

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from edgetune.core.errors import ConfigError, ShapeError, did_you_mean
+from edgetune.sparse import native
 from edgetune.sparse.kernels import (
     Topology,
     csr_linear_t,
@@ -25,9 +26,11 @@ from edgetune.sparse.kernels import (
     gather_linear_t,
     link_keys,
     match_links,
+    native_linear,
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "BACKENDS",
     "CPU_CSR_MAX_DENSITY",
     "CUDA_CSR_MAX_DENSITY",
@@ -39,7 +42,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "csr", "gather", "dense")
+BACKENDS = ("auto", "native", "csr", "gather", "dense")
+ACTIVATIONS = (None, "relu")
 # Densities up to which "auto" uses the CSR kernels, above which it scatters into a dense weight.
 # CPU: measured on 2 cores (AMD EPYC Zen 4, torch 2.13 + MKL), one train step (fwd, bwd, Adam) of a
 # 1568x1568 layer: CSR is faster than dense below ~20% density at batch 128 and ~12-15% at batch 1024
@@ -52,12 +56,22 @@ GATHER_MAX_DENSITY = 0.02
 _CSR_DTYPES = (torch.float32, torch.float64)
 
 
-def choose_backend(density: float, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend "auto" picks for a layer of this density, device and dtype."""
+def native_supported(device: torch.device, dtype: torch.dtype, index_dtype: torch.dtype = torch.int32) -> bool:
+    """Whether the native kernels cover this case (CPU, float32 values, int32 links) and loaded."""
+    return (device.type == "cpu" and dtype == torch.float32 and index_dtype == torch.int32
+            and native.load() is not None)
+
+
+def choose_backend(density: float, device: torch.device, dtype: torch.dtype,
+                   index_dtype: torch.dtype = torch.int32) -> str:
+    """The backend "auto" picks for a layer of this density, device, dtype and link index dtype:
+    below the CSR density limit, the native kernels where they apply and loaded, else ``csr``."""
     if dtype not in _CSR_DTYPES:
         return "gather" if density <= GATHER_MAX_DENSITY else "dense"
     limit = CUDA_CSR_MAX_DENSITY if device.type == "cuda" else CPU_CSR_MAX_DENSITY
-    return "csr" if density <= limit else "dense"
+    if density > limit:
+        return "dense"
+    return "native" if native_supported(device, dtype, index_dtype) else "csr"
 
 
 def _index_dtype(shape: tuple[int, int], nnz: int) -> torch.dtype:
@@ -105,12 +119,15 @@ class SparseLinear(nn.Module):
         values: ``(nnz,)`` weights of the links in the order of ``indices``; default: uniform in
             ``±1/sqrt(nnz / out)`` (``nn.Linear``'s rule applied to the mean fan-in).
         bias: learn a dense bias ``(out,)``.
-        backend: "auto" (by density, device and dtype, see :func:`choose_backend`), "csr",
-            "gather" or "dense".
+        backend: "auto" (by density, device and dtype, see :func:`choose_backend`), "native",
+            "csr", "gather" or "dense". "native" (edgetune's C++ kernels) needs CPU float32 values; where
+            they could not be built it falls back to "csr" (logged once).
         transposed_output: with a sparse backend, return the output as a transposed view (its
             batch dimension contiguous) instead of a contiguous tensor. This saves two transposes per
             step when the output only feeds element-wise ops and another ``SparseLinear`` (the hidden
             layers of an MLP); leave it False when a dense layer, a ``.view()`` or attention reads it.
+        activation: None, or "relu" for ``y = relu(x @ W^T + b)``; the native kernels fuse it (no
+            pass over the output for the ReLU nor for its gradient), the other backends apply it after.
 
     Buffers/parameters: ``indices`` ``(2, nnz)`` int32 (int64 for huge layers) sorted row-major,
     ``values`` ``(nnz,)``, ``bias`` ``(out,)``. Input ``(..., in)`` (any strides), output ``(..., out)``.
@@ -121,13 +138,18 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, indices: Tensor, values: Tensor | None = None,
                  bias: bool = True, backend: str = "auto", *, transposed_output: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 activation: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ConfigError(f"unknown SparseLinear backend {backend!r}; choose one of {BACKENDS}."
                               + did_you_mean(backend, BACKENDS))
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown SparseLinear activation {activation!r}; choose one of {ACTIVATIONS} "
+                              "(None: no activation; apply others as separate modules)."
+                              + did_you_mean(str(activation), [a for a in ACTIVATIONS if a]))
         self.in_features, self.out_features, self.backend = int(in_features), int(out_features), backend
-        self.transposed_output = transposed_output
+        self.transposed_output, self.activation = transposed_output, activation
         shape = (self.out_features, self.in_features)
         idx, order = _sorted_links(indices, shape, self._name())
         nnz = idx.shape[1]
@@ -151,8 +173,9 @@ class SparseLinear(nn.Module):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: Tensor, backend: str = "auto", *,
-                   transposed_output: bool = False) -> SparseLinear:
-        """A ``SparseLinear`` holding ``linear.weight`` under ``mask`` (bool ``(out, in)``) and its bias."""
+                   transposed_output: bool = False, activation: str | None = None) -> SparseLinear:
+        """A ``SparseLinear`` holding ``linear.weight`` under ``mask`` (bool ``(out, in)``) and its bias
+        (``activation``: see the class)."""
         w = linear.weight
         if tuple(mask.shape) != tuple(w.shape):
             raise ShapeError(f"mask shape {tuple(mask.shape)} does not match the weight shape (out, in) = "
@@ -162,7 +185,7 @@ class SparseLinear(nn.Module):
         indices = mask.nonzero().t()  # (2, nnz), row-major sorted
         layer = cls(linear.in_features, linear.out_features, indices, w.detach()[mask],
                     bias=linear.bias is not None, backend=backend, transposed_output=transposed_output,
-                    device=w.device, dtype=w.dtype)
+                    activation=activation, device=w.device, dtype=w.dtype)
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
@@ -209,9 +232,14 @@ class SparseLinear(nn.Module):
         if self.backend == "csr" and self.values.dtype not in _CSR_DTYPES and self.values.device.type == "cpu":
             raise ConfigError(f"{self._name()}: backend 'csr' has no CPU kernels for {self.values.dtype}; "
                               "use backend 'gather', 'dense' or 'auto', or float32/float64 values.")
+        if self.backend == "native":
+            if self.values.device.type != "cpu" or self.values.dtype != torch.float32:
+                raise ConfigError(f"{self._name()}: backend 'native' runs float32 on the CPU, got "
+                                  f"{self.values.dtype} on {self.values.device}; use backend 'auto' or 'csr'.")
+            return "native" if native_supported(self.values.device, self.values.dtype, self.indices.dtype) else "csr"
         if self.backend != "auto":
             return self.backend
-        return choose_backend(self.density, self.values.device, self.values.dtype)
+        return choose_backend(self.density, self.values.device, self.values.dtype, self.indices.dtype)
 
     def index_bytes(self) -> int:
         """Bytes of the topology: ``indices`` plus the cached CSR structures built so far."""
@@ -220,7 +248,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz()}, "
                 f"density={self.density:.4g}, bias={self.bias is not None}, backend={self.backend}"
-                + (", transposed_output=True" if self.transposed_output else ""))
+                + (", transposed_output=True" if self.transposed_output else "")
+                + (f", activation={self.activation}" if self.activation else ""))
 
     # ---------------------------------------------------------------- topology changes
     def set_topology(self, new_indices: Tensor, new_values: Tensor,
@@ -280,11 +309,18 @@ class SparseLinear(nn.Module):
         topo = self._topology()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
+        relu = self.activation == "relu"
         if backend == "dense":
             y = dense_linear(x2, self.values, self.bias, topo)
+            y = torch.relu(y) if relu else y
         else:
-            fn = csr_linear_t if backend == "csr" else gather_linear_t
-            y = fn(x2.t().contiguous(), self.values, self.bias, topo).t()  # (out, N) -> (N, out) view
+            if backend == "native":  # reads x2 in either layout; the ReLU fused
+                yt = native_linear(x2, self.values, self.bias, topo, native.load(), relu)
+            else:
+                fn = csr_linear_t if backend == "csr" else gather_linear_t
+                yt = fn(x2.t().contiguous(), self.values, self.bias, topo)  # (out, N)
+                yt = torch.relu(yt) if relu else yt
+            y = yt.t()  # (out, N) -> (N, out) view
             if not self.transposed_output:
                 y = y.contiguous()
         return y.reshape(*lead, self.out_features)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.core.errors import ConfigError, ShapeError
+from edgetune.sparse import native
 from edgetune.sparse.kernels import Topology, csr_linear_t, dense_linear, gather_linear_t
 from edgetune.sparse.layer import SparseLinear, choose_backend, remap_optimizer_state
 
@@ -134,7 +135,9 @@ def test_errors_name_the_problem() -> None:
 
 def test_auto_backend_by_density_device_dtype() -> None:
     cpu = torch.device("cpu")
-    assert choose_backend(0.01, cpu, torch.float32) == "csr"
+    # CPU float32: edgetune's native kernels when they could be built (test_native_kernels.py), else csr
+    assert choose_backend(0.01, cpu, torch.float32) == ("native" if native.load() else "csr")
+    assert choose_backend(0.01, cpu, torch.float64) == "csr"
     assert choose_backend(0.5, cpu, torch.float32) == "dense"
     assert choose_backend(0.01, cpu, torch.bfloat16) == "gather"
     half = SparseLinear(30, 20, torch.tensor([[0, 5, 19], [3, 2, 29]]), dtype=torch.bfloat16)
@@ -279,7 +282,8 @@ def test_train_step_rows_smoke() -> None:
     rows = train_step_rows(0.05, widths=(64, 64), batch=8, repeats=2, warmup=1, in_features=32, threads=None)
     dense, sparse = rows
     assert (dense["model"], sparse["model"]) == ("dense", "sparse")
-    assert sparse["backend"] == "csr" and dense["speedup"] == 1.0
+    assert sparse["backend"] == ("native" if native.load() else "csr") and dense["speedup"] == 1.0
+    assert sparse["fused_relu"] and not dense["fused_relu"]
     # hidden links: 5% of 32*64 + 64*64; head 64*10 and biases stay dense
     n_dense = 32 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
     n_sparse = round(0.05 * 32 * 64) + round(0.05 * 64 * 64) + 64 + 64 + 64 * 10 + 10

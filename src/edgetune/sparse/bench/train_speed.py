@@ -1,7 +1,10 @@
 """Train-step time and memory of the CHT MLP, dense vs truly sparse (``SparseLinear``).
 
 The MLP of the CHT/CHTs papers, 784-1568-1568-1568-10: the three hidden layers sparse at a given
-density (random links, uniform per layer), the classifier head dense. One train step = forward,
+density (random links, uniform per layer), the classifier head dense. The sparse hidden layers apply their
+ReLU themselves (``activation="relu"``, fused by the native kernels; ``--unfused`` keeps separate
+``nn.ReLU`` modules) and pass their output to the next layer, the head included, in the batch-contiguous
+layout (``transposed_output``). One train step = forward,
 cross-entropy, backward, Adam step; timed as the median over interleaved repeats after warm-up, dense
 and sparse measured side by side in one process. Memory = bytes of parameters + gradients + optimizer
 state (+ the sparse topology's index structures, reported apart).
@@ -39,17 +42,21 @@ def random_mask(out_features: int, in_features: int, density: float, generator: 
 
 
 def build_mlp(widths: Sequence[int], in_features: int, classes: int, density: float | None,
-              backend: str = "auto", seed: int = 0) -> nn.Sequential:
-    """``in -> widths... -> classes`` ReLU MLP; with ``density`` its hidden layers are ``SparseLinear``."""
+              backend: str = "auto", seed: int = 0, *, fused_relu: bool = True) -> nn.Sequential:
+    """``in -> widths... -> classes`` ReLU MLP; with ``density`` its hidden layers are ``SparseLinear``
+    (the ReLU inside them with ``fused_relu``, else as ``nn.ReLU`` modules). Same weights either way."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dims = [in_features, *widths]
     layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+    for d_in, d_out in itertools.pairwise(dims):
         lin = nn.Linear(d_in, d_out)
-        if density is not None:  # hidden layers feeding a sparse layer keep the batch-minor layout
+        if density is not None:  # the batch-minor layout all the way (the dense head reads it as it is)
             lin = SparseLinear.from_dense(lin, random_mask(d_out, d_in, density, g), backend=backend,
-                                          transposed_output=i < len(widths) - 1)
+                                          transposed_output=True, activation="relu" if fused_relu else None)
+            if fused_relu:
+                layers.append(lin)
+                continue
         layers += [lin, nn.ReLU()]
     layers.append(nn.Linear(dims[-1], classes))
     return nn.Sequential(*layers)
@@ -77,7 +84,7 @@ def _sync(device: torch.device) -> None:
 def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), batch: int = 128,
                     repeats: int = 20, device: str | torch.device = "cpu", *, in_features: int = 784,
                     classes: int = 10, warmup: int = 3, backends: Sequence[str] = ("auto",),
-                    threads: int | None = 2, seed: int = 0) -> list[dict[str, Any]]:
+                    threads: int | None = 2, seed: int = 0, fused_relu: bool = True) -> list[dict[str, Any]]:
     """Time one Adam train step of the dense and the sparse MLP, interleaved; one row per model.
 
     One sparse model per entry of ``backends`` (same links), named "sparse" for "auto" and
@@ -85,7 +92,8 @@ def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), 
     resolved to), step_ms (median), step_ms_min, the byte counts of
     :func:`state_bytes`, state_bytes (params + grads + optimizer), peak_bytes (CUDA only), speedup
     (dense step_ms / this step_ms) and memory_ratio (this state_bytes + index_bytes over dense state).
-    ``threads`` sets ``torch.set_num_threads`` for the run (None leaves it).
+    ``threads`` sets ``torch.set_num_threads`` for the run (None leaves it); ``fused_relu``: see
+    :func:`build_mlp` (column ``fused_relu``).
     """
     device = torch.device(device)
     old_threads = torch.get_num_threads()
@@ -95,7 +103,8 @@ def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), 
         models = {"dense": build_mlp(widths, in_features, classes, None, seed=seed).to(device)}
         for be in backends:
             name = "sparse" if be == "auto" else f"sparse[{be}]"
-            models[name] = build_mlp(widths, in_features, classes, density, be, seed).to(device)
+            models[name] = build_mlp(widths, in_features, classes, density, be, seed,
+                                     fused_relu=fused_relu).to(device)
         optims = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
         g = torch.Generator().manual_seed(seed + 1)
         x = torch.randn(batch, in_features, generator=g).to(device)
@@ -132,6 +141,7 @@ def train_step_rows(density: float, widths: Sequence[int] = (1568, 1568, 1568), 
         rows.append({"suite": "sparse_train_speed", "model": name, "density": 1.0 if name == "dense" else density,
                      "widths": "-".join(str(w) for w in (in_features, *widths, classes)), "batch": batch,
                      "backend": "dense" if name == "dense" else _backends(model),
+                     "fused_relu": name != "dense" and fused_relu,
                      "step_ms": 1e3 * statistics.median(times[name]), "step_ms_min": 1e3 * min(times[name]),
                      **mem, "state_bytes": mem["param_bytes"] + mem["grad_bytes"] + mem["optim_bytes"],
                      "peak_bytes": peaks[name], "device": str(device), "threads": torch.get_num_threads()
@@ -158,12 +168,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backends", nargs="+", default=["auto"], help="auto, csr, gather, dense")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unfused", action="store_true", help="nn.ReLU modules instead of the layers' own ReLU")
     args = ap.parse_args(argv)
     writer: csv.DictWriter[str] | None = None
     for density in args.density:
         for batch in args.batch:
             for row in train_step_rows(density, args.widths, batch, args.repeats, args.device,
-                                       warmup=args.warmup, backends=args.backends, threads=args.threads):
+                                       warmup=args.warmup, backends=args.backends, threads=args.threads,
+                                       fused_relu=not args.unfused):
                 if writer is None:
                     writer = csv.DictWriter(sys.stdout, fieldnames=list(row))
                     writer.writeheader()

@@ -1,0 +1,210 @@
+"""Native CPU kernels of :class:`~edgetune.sparse.layer.SparseLinear`: build, cache and load.
+
+``sparse_kernels.cpp`` (next to this file) holds two float32 kernels over the transposed, batch-contiguous
+activations (see :mod:`edgetune.sparse.kernels`): a CSR x dense product (forward, and the input gradient
+through the transposed CSR) and the value gradient sampled at the links (with the bias gradient). It is a
+plain C++ shared library, called through ``ctypes``: building needs a C++ compiler with OpenMP (``g++``),
+no Python headers, and takes about a second.
+
+``make setup`` builds it (``python -m edgetune.sparse.native build``) into a cache folder keyed by the
+source, the flags, the compiler and the CPU (``-march=native``): ``$EDGETUNE_NATIVE_DIR``, else
+``<venv>/share/edgetune-native`` inside a virtualenv, else ``~/.cache/edgetune/native``. :func:`load`
+returns the loaded kernels, building them first when the cache lacks them, or None when that fails (no
+compiler, another CPU without a compiler, ``EDGETUNE_NATIVE=0``); it logs why once per process, and the
+layers then use the ``csr`` kernels (``torch.sparse``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["NativeBuildError", "NativeKernels", "build", "cache_dir", "library_path", "load", "reset"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c++17", "-Wno-psabi")
+_VERSION = 3  # et_version() of the source this module expects
+_DISABLE_VALUES = ("0", "off", "false", "no")
+
+_loaded: NativeKernels | None = None
+_tried = False
+
+
+class NativeBuildError(RuntimeError):
+    """The native kernels could not be compiled or loaded; the message says why."""
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine and, on Linux, the CPU model and flags."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    sig += "|" + line.strip()
+                if line.strip() == "":  # first processor only
+                    break
+    except OSError:
+        pass
+    return sig
+
+
+def cache_dir() -> Path:
+    """Folder of the built libraries (see the module docstring)."""
+    env = os.environ.get("EDGETUNE_NATIVE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        return Path(sys.prefix) / "share" / "edgetune-native"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetune" / "native"
+
+
+def library_path() -> Path:
+    """Where the library for this source, flags, compiler and CPU is (or would be) cached."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler().encode(), _cpu_signature().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    suffix = ".dll" if sys.platform == "win32" else ".so"
+    return cache_dir() / f"sparse_kernels-{digest.hexdigest()[:16]}{suffix}"
+
+
+def build(force: bool = False) -> Path:
+    """Compile ``sparse_kernels.cpp`` into the cache (unless there already) and return the library's path.
+
+    Raises :class:`NativeBuildError` with the compiler's message when compiling fails.
+    """
+    target = library_path()
+    if target.exists() and not force:
+        return target
+    cxx = _compiler()
+    if shutil.which(cxx) is None:
+        raise NativeBuildError(f"no C++ compiler {cxx!r} on PATH (install g++, or set CXX to one)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)  # then an atomic rename
+    os.close(fd)
+    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+            raise NativeBuildError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise NativeBuildError(f"`{' '.join(cmd)}` could not run: {err}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("built the native sparse kernels: %s", target)
+    return target
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _layout(t: Tensor) -> tuple[Tensor, int]:
+    """An ``(N, features)`` activation as the kernels take it: ``(t, 0)`` when its transpose is contiguous
+    (batch-contiguous, what the layers pass between them), else ``(t contiguous, 1)``."""
+    if t.dim() == 2 and t.stride(0) == 1 and (t.shape[1] <= 1 or t.stride(1) == t.shape[0]):
+        return t, 0
+    return t.contiguous(), 1
+
+
+class NativeKernels:
+    """The loaded library. Values float32, links int32, contiguous, on the CPU (the caller checks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        if lib.et_version() != _VERSION:
+            raise NativeBuildError(f"{path} has kernel version {lib.et_version()}, expected {_VERSION}")
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.et_forward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int, ptr, c_int, c_int]
+        lib.et_forward.restype = None
+        lib.et_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr, c_int,
+                                    ptr, ptr, ptr, c_int]
+        lib.et_backward.restype = None
+        self._lib = lib
+
+    def forward(self, crow: Tensor, idx: Tensor, values: Tensor, bias: Tensor | None, x: Tensor,
+                relu: bool = False) -> tuple[Tensor, Tensor]:
+        """``act(x @ W^T + b)`` for x ``(N, cols)``; ``W`` the CSR ``(crow, idx, values)``, ``rows = len(crow) - 1``.
+
+        Returns ``(yt, x_used)``: ``yt = y^T`` ``(rows, N)`` contiguous, and ``x`` as the kernel read it
+        (a contiguous copy when it was in neither layout).
+        """
+        x, layout = _layout(x)
+        n, cols = x.shape
+        yt = x.new_empty(crow.shape[0] - 1, n)
+        self._lib.et_forward(yt.shape[0], cols, n, crow.data_ptr(), idx.data_ptr(), values.data_ptr(),
+                             _ptr(bias), x.data_ptr(), layout, yt.data_ptr(), int(relu), torch.get_num_threads())
+        return yt, x
+
+    def backward(self, crow: Tensor, idx: Tensor, transposed: tuple[Tensor, Tensor, Tensor] | None,
+                 values: Tensor, gyt: Tensor, relu_out: Tensor | None, x: Tensor, need_values: bool,
+                 need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients ``(gx (N, cols) or None, gv (nnz,) or None, gb (rows,) or None)`` of :meth:`forward`
+        from the gradient ``gyt`` ``(rows, N)`` of its output (any strides); gx when ``transposed``
+        (``(crow_t, idx_t, perm_t)``, the CSR of ``W^T``) is given, as the transposed view of a contiguous
+        ``(cols, N)``. ``relu_out``: the forward's output ``yt`` (masks the gradient) when it applied ReLU."""
+        g, g_layout = _layout(gyt.t())
+        x, x_layout = _layout(x)
+        n, cols = x.shape
+        rows = crow.shape[0] - 1
+        gxt = x.new_empty(cols, n) if transposed is not None else None
+        gv = values.new_empty(values.shape) if need_values else None
+        gb = values.new_empty(rows) if need_bias else None
+        crow_t, idx_t, perm_t = transposed if transposed is not None else (None, None, None)
+        mask = None if relu_out is None else relu_out.contiguous()  # (rows, N)
+        self._lib.et_backward(rows, cols, n, crow.data_ptr(), idx.data_ptr(), _ptr(crow_t), _ptr(idx_t),
+                              _ptr(perm_t), values.data_ptr(), g.data_ptr(), g_layout, _ptr(mask), x.data_ptr(),
+                              x_layout, _ptr(gxt), _ptr(gv), _ptr(gb), torch.get_num_threads())
+        return (None if gxt is None else gxt.t()), gv, gb
+
+
+def _disabled() -> bool:
+    return os.environ.get("EDGETUNE_NATIVE", "1").strip().lower() in _DISABLE_VALUES
+
+
+def load() -> NativeKernels | None:
+    """The native kernels, built first when not cached; None (with one log line per process) when they
+    cannot be had. ``EDGETUNE_NATIVE=0`` turns them off."""
+    global _loaded, _tried
+    if _tried:
+        return _loaded
+    _tried = True
+    if _disabled():
+        log.info("native sparse kernels off (EDGETUNE_NATIVE=%s); SparseLinear uses the csr kernels",
+                 os.environ.get("EDGETUNE_NATIVE"))
+        return None
+    try:
+        _loaded = NativeKernels(build())
+    except (NativeBuildError, OSError, AttributeError) as err:
+        log.warning("native sparse kernels unavailable, SparseLinear falls back to the csr kernels "
+                    "(torch.sparse, slower): %s. Build them with `python -m edgetune.sparse.native build`.", err)
+        _loaded = None
+    return _loaded
+
+
+def reset() -> None:
+    """Forget the result of :func:`load` (tests; a later call tries again)."""
+    global _loaded, _tried
+    _loaded, _tried = None, False

@@ -1,0 +1,332 @@
+// Native CPU kernels of edgetune's SparseLinear (float32 values, int32 CSR indices), called through ctypes.
+//
+// A layer computes y = act(x W^T + b) for a batch of N rows, W (rows, cols) sparse in CSR (crow, idx, val,
+// sorted row-major). Activations come in one of two layouts: kT ("transposed", the batch contiguous: the
+// matrix is stored as (features, N)) or kRows (the usual (N, features) contiguous). Two entry points:
+//   et_forward:  y^T (rows, N) = W x^T + b, then ReLU when asked.
+//   et_backward: from the output gradient g: g' = g * (y > 0) under ReLU (the mask from the saved output),
+//                gv[l] = dot(g'^T[r_l, :], x^T[c_l, :]) (value gradient), gb = sum_n g' (bias gradient),
+//                gx^T (cols, N) = W^T g'^T through the transposed CSR (crow_t, idx_t, perm_t: link
+//                idx... of column c are perm_t[crow_t[c]:crow_t[c + 1]]) (input gradient).
+// The batch is cut in tiles of up to 128 columns. For each tile, the operands read at random rows (x^T
+// for the forward and the value gradient, g'^T for the input gradient) are first copied into contiguous
+// buffers: the tile's rows then stay in L2 whatever the layout or the leading dimension (a power of two
+// such as 1024 floats would map the rows of one tile onto a few cache sets). Accumulation is float32, in
+// link order within a row, the value gradient summed over the tiles in order. Threads (OpenMP, the
+// runtime torch uses; the caller passes torch's thread count) fill each tile's buffers together and then
+// split its rows.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int VL = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(64)));
+typedef float vfu __attribute__((vector_size(64), aligned(4)));  // unaligned access
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf splat(float a) { return vf{} + a; }
+
+inline float hsum(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+enum Layout { kT = 0, kRows = 1 };
+
+// One tile of the batch: columns [n0, n0 + width) with width = NV * VL, or a scalar tail (width < VL).
+struct Tile {
+  int64_t n0;
+  int width;
+};
+
+// The batch cut in tiles: full tiles of `wide` (128 or 64) columns, then at most one each of 64, 32, 16
+// and a tail < 16.
+struct Tiling {
+  int64_t full;
+  int wide, rest;
+  Tile rem[4];
+  Tiling(int64_t n, int wide_) : full(n / wide_), wide(wide_), rest(0) {
+    int64_t n0 = full * wide;
+    for (int w = wide / 2; w >= VL; w /= 2)
+      if (n0 + w <= n) {
+        rem[rest++] = {n0, w};
+        n0 += w;
+      }
+    if (n0 < n) rem[rest++] = {n0, static_cast<int>(n - n0)};
+  }
+  int64_t count() const { return full + rest; }
+  Tile operator[](int64_t k) const { return k < full ? Tile{k * wide, wide} : rem[k - full]; }
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tile buffers of the calling thread, kept between calls (no allocation, page faults or zero fill per call).
+float* scratch(int slot, size_t count) {
+  thread_local std::vector<float> bufs[2];
+  std::vector<float>& b = bufs[slot];
+  if (b.size() < count) b.resize(count);
+  return b.data();
+}
+
+inline float value_at(const float* val, const int32_t* perm, int64_t l) { return perm ? val[perm[l]] : val[l]; }
+
+// Rows [r0, r1) of one tile: x and y point at the tile's first column, with leading dimensions ldx, ldy.
+template <int NV>
+void spmm_rows(int64_t r0, int64_t r1, const int32_t* crow, const int32_t* idx, const float* val,
+               const int32_t* perm, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
+               bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    vf acc[NV];
+    const vf b = splat(bias ? bias[r] : 0.0f);
+    for (int j = 0; j < NV; ++j) acc[j] = b;
+    for (int64_t l = crow[r], e = crow[r + 1]; l < e; ++l) {
+      const vf v = splat(value_at(val, perm, l));
+      const float* xr = x + static_cast<int64_t>(idx[l]) * ldx;
+      for (int j = 0; j < NV; ++j) acc[j] += v * load(xr + j * VL);
+    }
+    float* yr = y + r * ldy;
+    if (relu)
+      for (int j = 0; j < NV; ++j) acc[j] = acc[j] > 0.0f ? acc[j] : vf{};
+    for (int j = 0; j < NV; ++j) store(yr + j * VL, acc[j]);
+  }
+}
+
+void spmm_rows_tail(int64_t r0, int64_t r1, int width, const int32_t* crow, const int32_t* idx, const float* val,
+                    const int32_t* perm, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
+                    bool relu) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[VL];
+    const float b = bias ? bias[r] : 0.0f;
+    for (int k = 0; k < width; ++k) acc[k] = b;
+    for (int64_t l = crow[r], e = crow[r + 1]; l < e; ++l) {
+      const float v = value_at(val, perm, l);
+      const float* xr = x + static_cast<int64_t>(idx[l]) * ldx;
+      for (int k = 0; k < width; ++k) acc[k] += v * xr[k];
+    }
+    float* yr = y + r * ldy;
+    for (int k = 0; k < width; ++k) yr[k] = relu && !(acc[k] > 0.0f) ? 0.0f : acc[k];
+  }
+}
+
+void spmm_tile(const Tile& t, int64_t r0, int64_t r1, const int32_t* crow, const int32_t* idx, const float* val,
+               const int32_t* perm, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
+               bool relu = false) {
+  switch (t.width) {
+    case 128: spmm_rows<8>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
+    case 64: spmm_rows<4>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
+    case 32: spmm_rows<2>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
+    case 16: spmm_rows<1>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
+    default: spmm_rows_tail(r0, r1, t.width, crow, idx, val, perm, bias, x, ldx, y, ldy, relu);
+  }
+}
+
+template <int NV>
+void sddmm_rows(int64_t r0, int64_t r1, bool first, const int32_t* crow, const int32_t* idx, const float* g,
+                int64_t ldg, const float* x, int64_t ldx, float* gv, float* gb) {
+  for (int64_t r = r0; r < r1; ++r) {
+    vf gr[NV];
+    const float* grow = g + r * ldg;
+    for (int j = 0; j < NV; ++j) gr[j] = load(grow + j * VL);
+    if (gb) {
+      vf s = gr[0];
+      for (int j = 1; j < NV; ++j) s += gr[j];
+      gb[r] = (first ? 0.0f : gb[r]) + hsum(s);
+    }
+    if (!gv) continue;
+    for (int64_t l = crow[r], e = crow[r + 1]; l < e; ++l) {
+      const float* xr = x + static_cast<int64_t>(idx[l]) * ldx;
+      vf a0 = gr[0] * load(xr), a1 = vf{};
+      for (int j = 1; j < NV; j += 2) {
+        a1 += gr[j] * load(xr + j * VL);
+        if (j + 1 < NV) a0 += gr[j + 1] * load(xr + (j + 1) * VL);
+      }
+      const float d = hsum(a0 + a1);
+      gv[l] = first ? d : gv[l] + d;
+    }
+  }
+}
+
+void sddmm_rows_tail(int64_t r0, int64_t r1, int width, bool first, const int32_t* crow, const int32_t* idx,
+                     const float* g, int64_t ldg, const float* x, int64_t ldx, float* gv, float* gb) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* grow = g + r * ldg;
+    if (gb) {
+      float s = 0.0f;
+      for (int k = 0; k < width; ++k) s += grow[k];
+      gb[r] = (first ? 0.0f : gb[r]) + s;
+    }
+    if (!gv) continue;
+    for (int64_t l = crow[r], e = crow[r + 1]; l < e; ++l) {
+      const float* xr = x + static_cast<int64_t>(idx[l]) * ldx;
+      float d = 0.0f;
+      for (int k = 0; k < width; ++k) d += grow[k] * xr[k];
+      gv[l] = first ? d : gv[l] + d;
+    }
+  }
+}
+
+void sddmm_tile(const Tile& t, int64_t r0, int64_t r1, bool first, const int32_t* crow, const int32_t* idx,
+                const float* g, int64_t ldg, const float* x, int64_t ldx, float* gv, float* gb) {
+  switch (t.width) {
+    case 128: sddmm_rows<8>(r0, r1, first, crow, idx, g, ldg, x, ldx, gv, gb); break;
+    case 64: sddmm_rows<4>(r0, r1, first, crow, idx, g, ldg, x, ldx, gv, gb); break;
+    case 32: sddmm_rows<2>(r0, r1, first, crow, idx, g, ldg, x, ldx, gv, gb); break;
+    case 16: sddmm_rows<1>(r0, r1, first, crow, idx, g, ldg, x, ldx, gv, gb); break;
+    default: sddmm_rows_tail(r0, r1, t.width, first, crow, idx, g, ldg, x, ldx, gv, gb);
+  }
+}
+
+// Rows [c0, c1) of the tile's columns of a matrix of `count` rows (logical (count, N), stored in `layout`)
+// into buf (count, width); with mask (kT, (count, N)), entries where mask <= 0 become 0 (ReLU's gradient).
+void pack(const float* src, Layout layout, int64_t count, int64_t n, const Tile& t, int64_t c0, int64_t c1,
+          const float* mask, float* buf) {
+  const int w = t.width;
+  if (layout == kT) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* s = src + c * n + t.n0;
+      float* d = buf + c * w;
+      for (int k = 0; k < w; ++k) d[k] = s[k];
+    }
+  } else {  // a (width, count) panel of the (N, count) matrix, transposed in blocks of 16 rows
+    for (int64_t cb = c0; cb < c1; cb += VL) {
+      const int64_t ce = std::min(c1, cb + VL);
+      for (int k = 0; k < w; ++k) {
+        const float* s = src + (t.n0 + k) * count;
+        for (int64_t c = cb; c < ce; ++c) buf[c * w + k] = s[c];
+      }
+    }
+  }
+  if (mask)
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* m = mask + c * n + t.n0;
+      float* d = buf + c * w;
+      for (int k = 0; k < w; ++k) d[k] = m[k] > 0.0f ? d[k] : 0.0f;
+    }
+}
+
+// Batch sizes from which a kT operand is packed too (its rows of one tile would alias in the caches).
+constexpr int64_t kPackFrom = 512;
+
+// Static share [lo, hi) of `total` items for thread `tid` of `nth`, in blocks of `align`.
+void share(int64_t total, int tid, int nth, int64_t align, int64_t* lo, int64_t* hi) {
+  const int64_t blocks = ceil_div(total, align), per = ceil_div(blocks, nth);
+  *lo = std::min(total, tid * per * align);
+  *hi = std::min(total, (tid + 1) * per * align);
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+int et_version() { return 3; }
+
+// y^T (rows, N) = W x^T + b (bias may be null), ReLU'd when relu != 0. x: (cols, N) as kT, or (N, cols) as
+// kRows. y^T (rows, N) contiguous.
+void et_forward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, const int32_t* idx, const float* val,
+                const float* bias, const float* x, int x_layout, float* y, int relu, int threads) {
+  if (rows <= 0 || n <= 0) return;
+  const Layout xl = static_cast<Layout>(x_layout);
+  const bool packed = xl == kRows || n >= kPackFrom;
+  const Tiling tiles(n, 128);
+  const int64_t nt = tiles.count();
+  if (!packed) {  // (tile, block of rows) items straight from x^T
+    const int64_t want = threads > 1 ? 8LL * threads : 1;
+    const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(want, nt), ceil_div(rows, 16)));
+    const int64_t bsize = ceil_div(rows, blocks), items = nt * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const Tile t = tiles[it / blocks];
+      const int64_t r0 = (it % blocks) * bsize, r1 = std::min(rows, r0 + bsize);
+      if (r0 < r1) spmm_tile(t, r0, r1, crow, idx, val, nullptr, bias, x + t.n0, n, y + t.n0, n, relu != 0);
+    }
+    return;
+  }
+  float* const buf = scratch(0, static_cast<size_t>(cols) * std::min<int64_t>(n, 128));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int tid = thread_id(), nth = team_size();
+    int64_t c0, c1, r0, r1;
+    share(cols, tid, nth, VL, &c0, &c1);
+    share(rows, tid, nth, 16, &r0, &r1);
+    for (int64_t k = 0; k < nt; ++k) {
+      const Tile t = tiles[k];
+      pack(x, xl, cols, n, t, c0, c1, nullptr, buf);
+#pragma omp barrier
+      spmm_tile(t, r0, r1, crow, idx, val, nullptr, bias, buf, t.width, y + t.n0, n, relu != 0);
+#pragma omp barrier
+    }
+  }
+}
+
+// Gradients of et_forward from g (logical (rows, N) in g_layout): with relu_out (the forward's y^T, kT),
+// g is first masked by relu_out > 0. gv (nnz) and gb (rows) when not null; gx^T (cols, N) contiguous when
+// not null (needs crow_t, idx_t, perm_t). x as in et_forward.
+void et_backward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, const int32_t* idx,
+                 const int32_t* crow_t, const int32_t* idx_t, const int32_t* perm_t, const float* val,
+                 const float* g, int g_layout, const float* relu_out, const float* x, int x_layout, float* gx,
+                 float* gv, float* gb, int threads) {
+  if (rows <= 0 || cols <= 0) return;
+  if (n <= 0) {
+    if (gv)
+      for (int64_t l = 0; l < crow[rows]; ++l) gv[l] = 0.0f;
+    if (gb)
+      for (int64_t r = 0; r < rows; ++r) gb[r] = 0.0f;
+    return;
+  }
+  const Layout gl = static_cast<Layout>(g_layout), xl = static_cast<Layout>(x_layout);
+  const bool need_x = gv != nullptr, pack_x = need_x && (xl == kRows || n >= kPackFrom);
+  // both buffers of a tile within about 1 MiB of L2
+  const int wide = (rows + (pack_x ? cols : 0)) * 128 * 4 <= (1 << 20) ? 128 : 64;
+  const Tiling tiles(n, wide);
+  const int64_t nt = tiles.count(), w_max = std::min<int64_t>(n, wide);
+  float* const gbuf = scratch(0, static_cast<size_t>(rows) * w_max);
+  float* const xbuf = pack_x ? scratch(1, static_cast<size_t>(cols) * w_max) : nullptr;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int tid = thread_id(), nth = team_size();
+    int64_t r0, r1, c0, c1;
+    share(rows, tid, nth, 16, &r0, &r1);
+    share(cols, tid, nth, 16, &c0, &c1);
+    for (int64_t k = 0; k < nt; ++k) {
+      const Tile t = tiles[k];
+      pack(g, gl, rows, n, t, r0, r1, relu_out, gbuf);
+      if (pack_x) pack(x, xl, cols, n, t, c0, c1, nullptr, xbuf);
+#pragma omp barrier
+      if (gv || gb) {
+        const float* xt = pack_x ? xbuf : x + t.n0;
+        sddmm_tile(t, r0, r1, k == 0, crow, idx, gbuf, t.width, xt, pack_x ? t.width : n,
+                   gv, gb);
+      }
+      if (gx) spmm_tile(t, c0, c1, crow_t, idx_t, val, perm_t, nullptr, gbuf, t.width, gx + t.n0, n);
+#pragma omp barrier
+    }
+  }
+}
+
+}  // extern "C"
