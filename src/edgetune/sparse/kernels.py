@@ -125,23 +125,26 @@ class _CsrLinearT(torch.autograd.Function):
 class _NativeLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, topo: Topology,  # type: ignore[override]
-                kernels: native.NativeKernels, relu: bool) -> Tensor:
+                kernels: native.NativeKernels, relu: bool, relu_mask: bool) -> Tensor:
         values = values.contiguous()
         bias = None if bias is None else bias.contiguous()
-        yt, x_used = kernels.forward(topo.crow, topo.cols, values, bias, x, relu)
-        ctx.save_for_backward(x_used, values, yt if relu else None)  # the output: ReLU's mask
-        ctx.topo, ctx.kernels = topo, kernels
+        yt, x_used, mask = kernels.forward(topo.crow, topo.cols, values, bias, x, relu,
+                                           relu_mask=relu_mask)
+        ctx.save_for_backward(x_used, values, mask)
+        ctx.topo, ctx.kernels, ctx.relu = topo, kernels, relu
         return yt
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gyt: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, values, yt = ctx.saved_tensors
+        x, values, mask = ctx.saved_tensors
+        if ctx.relu and mask is None:
+            raise RuntimeError("native sparse layer: backward through a ReLU forward that ran without gradients")
         topo: Topology = ctx.topo
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
         gx, gv, gb = ctx.kernels.backward(topo.crow, topo.cols, topo.transposed() if need_x else None, values,
-                                          gyt, yt, x, need_v, need_b)
-        return gx, gv, gb, None, None, None
+                                          gyt, mask, x, need_v, need_b)
+        return gx, gv, gb, None, None, None, None
 
 
 class _GatherLinearT(torch.autograd.Function):
@@ -192,7 +195,8 @@ def native_linear(x: Tensor, values: Tensor, bias: Tensor | None, topo: Topology
     """``act(x @ W^T + b)`` with the native kernels (float32, CPU, int32 links: the layer checks).
     x ``(N, in)``, contiguous or the transposed view of a contiguous ``(in, N)`` (else copied) -> its
     transpose ``(out, N)`` contiguous; ``relu`` fuses a ReLU."""
-    return _NativeLinear.apply(x, values, bias, topo, kernels, relu)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, values, bias))
+    return _NativeLinear.apply(x, values, bias, topo, kernels, relu, relu and grad)
 
 
 def gather_linear_t(xt: Tensor, values: Tensor, bias: Tensor | None, topo: Topology) -> Tensor:

@@ -3,6 +3,7 @@ be built; a short training run that matches the csr backend step for step."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 from collections.abc import Iterator
@@ -110,6 +111,33 @@ def test_native_equals_csr_backend(kernels: native.NativeKernels, transposed_out
     for a, b in zip(results["native"], results["csr"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert results["native"][0].shape == (3, 37, 120)
+
+
+@pytest.mark.parametrize("n", [40, 600, 1024])
+def test_native_chain_equals_dense_reference(kernels: native.NativeKernels, n: int) -> None:
+    """Three layers passing batch-contiguous (from N = 512: padded) outputs and gradients between them,
+    the first reading a plain (N, in) input, then a dense head; under no_grad the same outputs."""
+    dims = [24, 48, 40, 36]
+    lins = [nn.Linear(a, b) for a, b in itertools.pairwise(dims)]
+    masks = [_mask(b, a, 0.15, seed=i) for i, (a, b) in enumerate(itertools.pairwise(dims))]
+    head = nn.Linear(dims[-1], 5)
+    sparse = nn.Sequential(*[SparseLinear.from_dense(lin, m, backend="native", transposed_output=True,
+                                                     activation="relu") for lin, m in zip(lins, masks)], head)
+    x = torch.randn(n, dims[0], generator=torch.Generator().manual_seed(2))
+    y = sparse(x)
+    (y * torch.arange(5.0)).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), y.detach(), atol=0, rtol=0)
+
+    h = x.double()
+    ws = [(lin.weight.detach() * m).double().requires_grad_() for lin, m in zip(lins, masks)]
+    for w, lin in zip(ws, lins):
+        h = F.linear(h, w, lin.bias.detach().double()).relu()
+    y_ref = F.linear(h, head.weight.detach().double(), head.bias.detach().double())
+    (y_ref * torch.arange(5.0).double()).sum().backward()
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    for layer, w, m in zip(sparse, ws, masks):
+        torch.testing.assert_close(layer.values.grad.double(), w.grad[m], atol=1e-3, rtol=1e-4)
 
 
 def test_auto_picks_native_for_cpu_float32(kernels: native.NativeKernels) -> None:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c++17", "-Wno-psabi")
-_VERSION = 3  # et_version() of the source this module expects
+_VERSION = 5  # et_version() of the source this module expects
 _DISABLE_VALUES = ("0", "off", "false", "no")
 
 _loaded: NativeKernels | None = None
@@ -120,12 +120,28 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _layout(t: Tensor) -> tuple[Tensor, int]:
-    """An ``(N, features)`` activation as the kernels take it: ``(t, 0)`` when its transpose is contiguous
-    (batch-contiguous, what the layers pass between them), else ``(t contiguous, 1)``."""
-    if t.dim() == 2 and t.stride(0) == 1 and (t.shape[1] <= 1 or t.stride(1) == t.shape[0]):
-        return t, 0
-    return t.contiguous(), 1
+def _layout(t: Tensor) -> tuple[Tensor, int, int]:
+    """An ``(N, features)`` activation as the kernels take it: ``(t, 0, ld)`` when ``t.t()`` is row-major
+    with leading dimension ``ld`` (batch-contiguous, what the layers pass between them), ``(t, 1, ld)``
+    when ``t`` is, else ``(contiguous copy, 1, features)``."""
+    n, f = t.shape
+    s0, s1 = t.stride()
+    if (n <= 1 or s0 == 1) and (f <= 1 or s1 >= n):
+        return t, 0, (s1 if f > 1 else max(n, 1))
+    if (f <= 1 or s1 == 1) and (n <= 1 or s0 >= f):
+        return t, 1, (s0 if n > 1 else max(f, 1))
+    return t.contiguous(), 1, max(f, 1)
+
+
+def _padded(rows: int, n: int, like: Tensor) -> Tensor:
+    """An uninitialised ``(rows, n)`` float32 tensor, row-major; from n = 512 on its leading dimension is
+    padded to an odd number of 64-byte lines, so that the rows of one batch tile spread over the cache
+    sets (see ``direct`` in the C++ source)."""
+    ld = n
+    if n >= 512:
+        ld = -(-n // 16) * 16
+        ld += 16 if (ld // 16) % 2 == 0 else 0
+    return torch.empty_strided((rows, n), (ld, 1), dtype=like.dtype, device=like.device)
 
 
 class NativeKernels:
@@ -137,46 +153,53 @@ class NativeKernels:
         if lib.et_version() != _VERSION:
             raise NativeBuildError(f"{path} has kernel version {lib.et_version()}, expected {_VERSION}")
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.et_forward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int, ptr, c_int, c_int]
+        lib.et_forward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int, i64, ptr, i64, c_int, ptr, i64,
+                                   c_int]
         lib.et_forward.restype = None
-        lib.et_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr, ptr, c_int,
-                                    ptr, ptr, ptr, c_int]
+        lib.et_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, i64, ptr, i64,
+                                    ptr, c_int, i64, ptr, i64, ptr, ptr, c_int]
         lib.et_backward.restype = None
         self._lib = lib
 
     def forward(self, crow: Tensor, idx: Tensor, values: Tensor, bias: Tensor | None, x: Tensor,
-                relu: bool = False) -> tuple[Tensor, Tensor]:
+                relu: bool = False, relu_mask: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """``act(x @ W^T + b)`` for x ``(N, cols)``; ``W`` the CSR ``(crow, idx, values)``, ``rows = len(crow) - 1``.
 
-        Returns ``(yt, x_used)``: ``yt = y^T`` ``(rows, N)`` contiguous, and ``x`` as the kernel read it
-        (a contiguous copy when it was in neither layout).
+        Returns ``(yt, x_used, mask)``: ``yt = y^T`` ``(rows, N)`` row-major (its leading dimension
+        padded from N = 512 on), ``x`` as the kernel read it (a contiguous copy when it was in neither
+        layout), and with ``relu`` and ``relu_mask`` the ReLU's mask for :meth:`backward` (one bit per
+        output, int16 ``(rows, ceil(N / 16))``), else None.
         """
-        x, layout = _layout(x)
+        x, layout, ldx = _layout(x)
         n, cols = x.shape
-        yt = x.new_empty(crow.shape[0] - 1, n)
-        self._lib.et_forward(yt.shape[0], cols, n, crow.data_ptr(), idx.data_ptr(), values.data_ptr(),
-                             _ptr(bias), x.data_ptr(), layout, yt.data_ptr(), int(relu), torch.get_num_threads())
-        return yt, x
+        rows = crow.shape[0] - 1
+        yt = _padded(rows, n, x)
+        mask = torch.empty(rows, -(-n // 16), dtype=torch.int16) if relu and relu_mask else None
+        self._lib.et_forward(rows, cols, n, crow.data_ptr(), idx.data_ptr(), values.data_ptr(), _ptr(bias),
+                             x.data_ptr(), layout, ldx, yt.data_ptr(), yt.stride(0), int(relu), _ptr(mask),
+                             0 if mask is None else mask.stride(0), torch.get_num_threads())
+        return yt, x, mask
 
     def backward(self, crow: Tensor, idx: Tensor, transposed: tuple[Tensor, Tensor, Tensor] | None,
-                 values: Tensor, gyt: Tensor, relu_out: Tensor | None, x: Tensor, need_values: bool,
+                 values: Tensor, gyt: Tensor, relu_mask: Tensor | None, x: Tensor, need_values: bool,
                  need_bias: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Gradients ``(gx (N, cols) or None, gv (nnz,) or None, gb (rows,) or None)`` of :meth:`forward`
         from the gradient ``gyt`` ``(rows, N)`` of its output (any strides); gx when ``transposed``
-        (``(crow_t, idx_t, perm_t)``, the CSR of ``W^T``) is given, as the transposed view of a contiguous
-        ``(cols, N)``. ``relu_out``: the forward's output ``yt`` (masks the gradient) when it applied ReLU."""
-        g, g_layout = _layout(gyt.t())
-        x, x_layout = _layout(x)
+        (``(crow_t, idx_t, perm_t)``, the CSR of ``W^T``) is given, as the transposed view of a row-major
+        ``(cols, N)``. ``relu_mask``: the mask :meth:`forward` returned, when it applied ReLU."""
+        g, g_layout, ldg = _layout(gyt.t())
+        x, x_layout, ldx = _layout(x)
         n, cols = x.shape
         rows = crow.shape[0] - 1
-        gxt = x.new_empty(cols, n) if transposed is not None else None
+        gxt = _padded(cols, n, x) if transposed is not None else None
         gv = values.new_empty(values.shape) if need_values else None
         gb = values.new_empty(rows) if need_bias else None
         crow_t, idx_t, perm_t = transposed if transposed is not None else (None, None, None)
-        mask = None if relu_out is None else relu_out.contiguous()  # (rows, N)
         self._lib.et_backward(rows, cols, n, crow.data_ptr(), idx.data_ptr(), _ptr(crow_t), _ptr(idx_t),
-                              _ptr(perm_t), values.data_ptr(), g.data_ptr(), g_layout, _ptr(mask), x.data_ptr(),
-                              x_layout, _ptr(gxt), _ptr(gv), _ptr(gb), torch.get_num_threads())
+                              _ptr(perm_t), values.data_ptr(), g.data_ptr(), g_layout, ldg, _ptr(relu_mask),
+                              0 if relu_mask is None else relu_mask.stride(0), x.data_ptr(), x_layout, ldx,
+                              _ptr(gxt), 0 if gxt is None else gxt.stride(0), _ptr(gv), _ptr(gb),
+                              torch.get_num_threads())
         return (None if gxt is None else gxt.t()), gv, gb
 
 

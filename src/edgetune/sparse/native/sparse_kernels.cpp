@@ -4,7 +4,7 @@
 // sorted row-major). Activations come in one of two layouts: kT ("transposed", the batch contiguous: the
 // matrix is stored as (features, N)) or kRows (the usual (N, features) contiguous). Two entry points:
 //   et_forward:  y^T (rows, N) = W x^T + b, then ReLU when asked.
-//   et_backward: from the output gradient g: g' = g * (y > 0) under ReLU (the mask from the saved output),
+//   et_backward: from the output gradient g: g' = g * (y > 0) under ReLU (bits the forward wrote),
 //                gv[l] = dot(g'^T[r_l, :], x^T[c_l, :]) (value gradient), gb = sum_n g' (bias gradient),
 //                gx^T (cols, N) = W^T g'^T through the transposed CSR (crow_t, idx_t, perm_t: link
 //                idx... of column c are perm_t[crow_t[c]:crow_t[c + 1]]) (input gradient).
@@ -20,6 +20,9 @@
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef __AVX512F__
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -39,6 +42,26 @@ inline float hsum(vf v) {
          __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// ReLU masks are bits: word q of row r (uint16) holds y^T[r, 16q + i] > 0 in bit i.
+inline uint16_t positive_bits(vf v) {
+#ifdef __AVX512F__
+  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_setzero_ps(), _CMP_GT_OQ);
+#else
+  uint16_t b = 0;
+  for (int i = 0; i < VL; ++i) b |= static_cast<uint16_t>(v[i] > 0.0f) << i;
+  return b;
+#endif
+}
+
+inline vf keep_bits(vf v, uint16_t bits) {
+#ifdef __AVX512F__
+  return reinterpret_cast<vf>(_mm512_maskz_mov_ps(bits, reinterpret_cast<__m512>(v)));
+#else
+  for (int i = 0; i < VL; ++i) v[i] = (bits >> i) & 1 ? v[i] : 0.0f;
+  return v;
+#endif
 }
 
 enum Layout { kT = 0, kRows = 1 };
@@ -84,7 +107,7 @@ inline float value_at(const float* val, const int32_t* perm, int64_t l) { return
 template <int NV>
 void spmm_rows(int64_t r0, int64_t r1, const int32_t* crow, const int32_t* idx, const float* val,
                const int32_t* perm, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
-               bool relu) {
+               bool relu, uint16_t* bits, int64_t ldb) {
   for (int64_t r = r0; r < r1; ++r) {
     vf acc[NV];
     const vf b = splat(bias ? bias[r] : 0.0f);
@@ -97,13 +120,15 @@ void spmm_rows(int64_t r0, int64_t r1, const int32_t* crow, const int32_t* idx, 
     float* yr = y + r * ldy;
     if (relu)
       for (int j = 0; j < NV; ++j) acc[j] = acc[j] > 0.0f ? acc[j] : vf{};
+    if (bits)
+      for (int j = 0; j < NV; ++j) bits[r * ldb + j] = positive_bits(acc[j]);
     for (int j = 0; j < NV; ++j) store(yr + j * VL, acc[j]);
   }
 }
 
 void spmm_rows_tail(int64_t r0, int64_t r1, int width, const int32_t* crow, const int32_t* idx, const float* val,
                     const int32_t* perm, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
-                    bool relu) {
+                    bool relu, uint16_t* bits, int64_t ldb) {
   for (int64_t r = r0; r < r1; ++r) {
     float acc[VL];
     const float b = bias ? bias[r] : 0.0f;
@@ -114,19 +139,25 @@ void spmm_rows_tail(int64_t r0, int64_t r1, int width, const int32_t* crow, cons
       for (int k = 0; k < width; ++k) acc[k] += v * xr[k];
     }
     float* yr = y + r * ldy;
-    for (int k = 0; k < width; ++k) yr[k] = relu && !(acc[k] > 0.0f) ? 0.0f : acc[k];
+    uint16_t word = 0;
+    for (int k = 0; k < width; ++k) {
+      yr[k] = relu && !(acc[k] > 0.0f) ? 0.0f : acc[k];
+      word |= static_cast<uint16_t>(acc[k] > 0.0f) << k;
+    }
+    if (bits) bits[r * ldb] = word;
   }
 }
 
 void spmm_tile(const Tile& t, int64_t r0, int64_t r1, const int32_t* crow, const int32_t* idx, const float* val,
                const int32_t* perm, const float* bias, const float* x, int64_t ldx, float* y, int64_t ldy,
-               bool relu = false) {
+               bool relu = false, uint16_t* bits = nullptr, int64_t ldb = 0) {
+  // bits (when not null) points at the tile's first word of row 0
   switch (t.width) {
-    case 128: spmm_rows<8>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
-    case 64: spmm_rows<4>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
-    case 32: spmm_rows<2>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
-    case 16: spmm_rows<1>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu); break;
-    default: spmm_rows_tail(r0, r1, t.width, crow, idx, val, perm, bias, x, ldx, y, ldy, relu);
+    case 128: spmm_rows<8>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu, bits, ldb); break;
+    case 64: spmm_rows<4>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu, bits, ldb); break;
+    case 32: spmm_rows<2>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu, bits, ldb); break;
+    case 16: spmm_rows<1>(r0, r1, crow, idx, val, perm, bias, x, ldx, y, ldy, relu, bits, ldb); break;
+    default: spmm_rows_tail(r0, r1, t.width, crow, idx, val, perm, bias, x, ldx, y, ldy, relu, bits, ldb);
   }
 }
 
@@ -186,14 +217,15 @@ void sddmm_tile(const Tile& t, int64_t r0, int64_t r1, bool first, const int32_t
   }
 }
 
-// Rows [c0, c1) of the tile's columns of a matrix of `count` rows (logical (count, N), stored in `layout`)
-// into buf (count, width); with mask (kT, (count, N)), entries where mask <= 0 become 0 (ReLU's gradient).
-void pack(const float* src, Layout layout, int64_t count, int64_t n, const Tile& t, int64_t c0, int64_t c1,
-          const float* mask, float* buf) {
+// Rows [c0, c1) of the tile's columns of a matrix of `count` rows, logical (count, N), stored in `layout`
+// with leading dimension ld, into buf (count, width); with mask (ReLU bits, ldm words a row), the entries
+// whose bit is 0 become 0 (ReLU's gradient).
+void pack(const float* src, Layout layout, int64_t ld, const Tile& t, int64_t c0, int64_t c1, const uint16_t* mask,
+          int64_t ldm, float* buf) {
   const int w = t.width;
   if (layout == kT) {
     for (int64_t c = c0; c < c1; ++c) {
-      const float* s = src + c * n + t.n0;
+      const float* s = src + c * ld + t.n0;
       float* d = buf + c * w;
       for (int k = 0; k < w; ++k) d[k] = s[k];
     }
@@ -201,21 +233,26 @@ void pack(const float* src, Layout layout, int64_t count, int64_t n, const Tile&
     for (int64_t cb = c0; cb < c1; cb += VL) {
       const int64_t ce = std::min(c1, cb + VL);
       for (int k = 0; k < w; ++k) {
-        const float* s = src + (t.n0 + k) * count;
+        const float* s = src + (t.n0 + k) * ld;
         for (int64_t c = cb; c < ce; ++c) buf[c * w + k] = s[c];
       }
     }
   }
   if (mask)
     for (int64_t c = c0; c < c1; ++c) {
-      const float* m = mask + c * n + t.n0;
+      const uint16_t* m = mask + c * ldm + t.n0 / VL;  // tiles start at multiples of 16
       float* d = buf + c * w;
-      for (int k = 0; k < w; ++k) d[k] = m[k] > 0.0f ? d[k] : 0.0f;
+      int k = 0;
+      for (; k + VL <= w; k += VL) store(d + k, keep_bits(load(d + k), m[k / VL]));
+      for (; k < w; ++k) d[k] = (m[k / VL] >> (k % VL)) & 1 ? d[k] : 0.0f;
     }
 }
 
-// Batch sizes from which a kT operand is packed too (its rows of one tile would alias in the caches).
-constexpr int64_t kPackFrom = 512;
+// Whether the rows of a kT operand can be read in place: with N of 512 or more, a leading dimension of a
+// multiple of 256 floats (1 KiB) maps the rows of one tile onto a few cache sets, and the tile stops
+// fitting in L2; such operands are packed. (The Python side pads the leading dimension of the outputs
+// it allocates to avoid that.)
+bool direct(Layout layout, int64_t n, int64_t ld) { return layout == kT && (n < 512 || ld % 256 != 0); }
 
 // Static share [lo, hi) of `total` items for thread `tid` of `nth`, in blocks of `align`.
 void share(int64_t total, int tid, int nth, int64_t align, int64_t* lo, int64_t* hi) {
@@ -244,18 +281,19 @@ int team_size() {
 
 extern "C" {
 
-int et_version() { return 3; }
+int et_version() { return 5; }
 
 // y^T (rows, N) = W x^T + b (bias may be null), ReLU'd when relu != 0. x: (cols, N) as kT, or (N, cols) as
-// kRows. y^T (rows, N) contiguous.
+// kRows, leading dimension ldx. y^T has leading dimension ldy. With bits (rows, ldb) uint16, the ReLU
+// mask (see positive_bits) is written too.
 void et_forward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, const int32_t* idx, const float* val,
-                const float* bias, const float* x, int x_layout, float* y, int relu, int threads) {
+                const float* bias, const float* x, int x_layout, int64_t ldx, float* y, int64_t ldy, int relu,
+                uint16_t* bits, int64_t ldb, int threads) {
   if (rows <= 0 || n <= 0) return;
   const Layout xl = static_cast<Layout>(x_layout);
-  const bool packed = xl == kRows || n >= kPackFrom;
   const Tiling tiles(n, 128);
   const int64_t nt = tiles.count();
-  if (!packed) {  // (tile, block of rows) items straight from x^T
+  if (direct(xl, n, ldx)) {  // (tile, block of rows) items straight from x^T
     const int64_t want = threads > 1 ? 8LL * threads : 1;
     const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(want, nt), ceil_div(rows, 16)));
     const int64_t bsize = ceil_div(rows, blocks), items = nt * blocks;
@@ -263,7 +301,9 @@ void et_forward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, cons
     for (int64_t it = 0; it < items; ++it) {
       const Tile t = tiles[it / blocks];
       const int64_t r0 = (it % blocks) * bsize, r1 = std::min(rows, r0 + bsize);
-      if (r0 < r1) spmm_tile(t, r0, r1, crow, idx, val, nullptr, bias, x + t.n0, n, y + t.n0, n, relu != 0);
+      if (r0 < r1)
+        spmm_tile(t, r0, r1, crow, idx, val, nullptr, bias, x + t.n0, ldx, y + t.n0, ldy, relu != 0,
+                  bits ? bits + t.n0 / VL : nullptr, ldb);
     }
     return;
   }
@@ -276,21 +316,23 @@ void et_forward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, cons
     share(rows, tid, nth, 16, &r0, &r1);
     for (int64_t k = 0; k < nt; ++k) {
       const Tile t = tiles[k];
-      pack(x, xl, cols, n, t, c0, c1, nullptr, buf);
+      pack(x, xl, ldx, t, c0, c1, nullptr, 0, buf);
 #pragma omp barrier
-      spmm_tile(t, r0, r1, crow, idx, val, nullptr, bias, buf, t.width, y + t.n0, n, relu != 0);
+      spmm_tile(t, r0, r1, crow, idx, val, nullptr, bias, buf, t.width, y + t.n0, ldy, relu != 0,
+                bits ? bits + t.n0 / VL : nullptr, ldb);
 #pragma omp barrier
     }
   }
 }
 
-// Gradients of et_forward from g (logical (rows, N) in g_layout): with relu_out (the forward's y^T, kT),
-// g is first masked by relu_out > 0. gv (nnz) and gb (rows) when not null; gx^T (cols, N) contiguous when
-// not null (needs crow_t, idx_t, perm_t). x as in et_forward.
+// Gradients of et_forward from g (logical (rows, N) in g_layout, leading dimension ldg): with mask (the
+// forward's ReLU bits, ldm words a row), g is first masked. gv (nnz) and gb (rows) when
+// not null; gx^T (cols, N), leading dimension ldgx, when not null (needs crow_t, idx_t, perm_t). x as in
+// et_forward.
 void et_backward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, const int32_t* idx,
                  const int32_t* crow_t, const int32_t* idx_t, const int32_t* perm_t, const float* val,
-                 const float* g, int g_layout, const float* relu_out, const float* x, int x_layout, float* gx,
-                 float* gv, float* gb, int threads) {
+                 const float* g, int g_layout, int64_t ldg, const uint16_t* mask, int64_t ldm, const float* x,
+                 int x_layout, int64_t ldx, float* gx, int64_t ldgx, float* gv, float* gb, int threads) {
   if (rows <= 0 || cols <= 0) return;
   if (n <= 0) {
     if (gv)
@@ -300,8 +342,8 @@ void et_backward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, con
     return;
   }
   const Layout gl = static_cast<Layout>(g_layout), xl = static_cast<Layout>(x_layout);
-  const bool need_x = gv != nullptr, pack_x = need_x && (xl == kRows || n >= kPackFrom);
-  // both buffers of a tile within about 1 MiB of L2
+  const bool pack_x = gv != nullptr && !direct(xl, n, ldx);
+  // the tile's buffers within about 1 MiB of L2
   const int wide = (rows + (pack_x ? cols : 0)) * 128 * 4 <= (1 << 20) ? 128 : 64;
   const Tiling tiles(n, wide);
   const int64_t nt = tiles.count(), w_max = std::min<int64_t>(n, wide);
@@ -315,15 +357,13 @@ void et_backward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, con
     share(cols, tid, nth, 16, &c0, &c1);
     for (int64_t k = 0; k < nt; ++k) {
       const Tile t = tiles[k];
-      pack(g, gl, rows, n, t, r0, r1, relu_out, gbuf);
-      if (pack_x) pack(x, xl, cols, n, t, c0, c1, nullptr, xbuf);
+      pack(g, gl, ldg, t, r0, r1, mask, ldm, gbuf);
+      if (pack_x) pack(x, xl, ldx, t, c0, c1, nullptr, 0, xbuf);
 #pragma omp barrier
-      if (gv || gb) {
-        const float* xt = pack_x ? xbuf : x + t.n0;
-        sddmm_tile(t, r0, r1, k == 0, crow, idx, gbuf, t.width, xt, pack_x ? t.width : n,
+      if (gv || gb)
+        sddmm_tile(t, r0, r1, k == 0, crow, idx, gbuf, t.width, pack_x ? xbuf : x + t.n0, pack_x ? t.width : ldx,
                    gv, gb);
-      }
-      if (gx) spmm_tile(t, c0, c1, crow_t, idx_t, val, perm_t, nullptr, gbuf, t.width, gx + t.n0, n);
+      if (gx) spmm_tile(t, c0, c1, crow_t, idx_t, val, perm_t, nullptr, gbuf, t.width, gx + t.n0, ldgx);
 #pragma omp barrier
     }
   }
