@@ -81,18 +81,19 @@ def test_bad_options_are_refused_before_any_training(tmp_path: Path, options: di
 
 def test_multi_head_gives_each_example_its_own_heads_logits() -> None:
     """The module the data-aware methods run on: per example, the logits of its task's head on the shared backbone
-    (classes that head lacks far below), and a state dict that is the backbone's alone (prefixed ``body.``)."""
+    (classes that head lacks far below), and a state dict that is the backbone's alone (prefixed ``body.``); a
+    cosine head (CLIP-like, heads=cosine) works as a Linear one does."""
     import torch
     from torch import nn
 
     from edgetune.merging.bench.task_data_aware import PAD, MultiHead
-    from edgetune.merging.bench.task_setup import Backbone
+    from edgetune.merging.bench.task_setup import Backbone, CosineHead
     from edgetune.models import MLP
 
     torch.manual_seed(0)
     model = MLP(12, 4, widths=(8,))
     bb = Backbone("mlp", model, "head", lambda m, x: m.features(x))
-    heads = [nn.Linear(8, 3), nn.Linear(8, 5), model.head]
+    heads = [nn.Linear(8, 3), CosineHead(torch.randn(5, 8), scale=32.0), model.head]
     mh = MultiHead(bb, heads)
     assert set(mh.state_dict()) == {f"body.{k}" for k in model.state_dict() if not k.startswith("head.")}
     x, task = torch.randn(6, 12), torch.tensor([0, 1, 2, 1, 0, 2])
@@ -102,3 +103,7 @@ def test_multi_head_gives_each_example_its_own_heads_logits() -> None:
         want = bb.with_head(heads[int(task[i])])(x[i:i + 1])[0]
         torch.testing.assert_close(out[i, :len(want)], want)
         assert (out[i, len(want):] <= PAD / 2).all()
+    f, protos = torch.randn(4, 8), torch.randn(5, 8)
+    naive = torch.tensor([[32.0 * float(a @ b) / float(a.norm() * b.norm()) for b in protos] for a in f])
+    torch.testing.assert_close(CosineHead(protos, scale=32.0)(f), naive)
+    assert not list(CosineHead(protos, scale=32.0).parameters())  # fixed: fine-tuning cannot move it

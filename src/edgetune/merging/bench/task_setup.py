@@ -14,7 +14,10 @@ labels so that the fine-tunes pull the shared backbone in different directions a
 Fine-tuning (LP-FT, Kumar et al. 2022): each task's head starts as a linear probe of the frozen base backbone fitted
 on a few examples per class (``shots``), then the whole model (backbone and head) is fine-tuned on the task with SGD.
 Each task keeps its own fine-tuned head, as in merging with task-specific heads (RegMean, Jin et al. 2023; Fisher
-merging, Matena & Raffel 2022); only the backbone is merged. Batch-norm statistics stay the base's (BN layers are in
+merging, Matena & Raffel 2022); only the backbone is merged. The suite's ``heads`` option changes the protocol:
+``frozen`` keeps the few-shot probe head fixed while the backbone is fine-tuned; ``cosine`` is the CLIP-like
+protocol of task arithmetic and AdaMerging: a fixed cosine head on the base features' few-shot class means (as
+CLIP's zero-shot head on text embeddings, logit scale ``cosine_scale``), the backbone fine-tuned under it. Batch-norm statistics stay the base's (BN layers are in
 eval mode while fine-tuning), so every model holds the same ones. A linear probe on all of a task's training data
 (:func:`linear_probe` without ``shots``) is the reference for what the base backbone can do with a trained head.
 
@@ -68,6 +71,8 @@ class Sizes:
     pretrain_lr: float = 1e-3
     probe_lr: float = 1e-2
     ft_lr: float = 3e-3
+    cosine_scale: float = 32.0  # heads=cosine: the logit scale of the frozen prototype heads
+    cosine_ft_lr: float = 1e-2  # heads=cosine: SGD lr of the fine-tunes (bounded logits need larger steps)
 
 
 QUICK = Sizes(glyphs_train=25, glyphs_test=10, n_train=800, n_val=150, n_test=400, widths=(512, 512),
@@ -146,7 +151,8 @@ def build_tasks(sizes: Sizes, seed: int) -> tuple[Task, list[Task]]:
 class Backbone:
     """A base model (with the base task's head) and how to feed it.
 
-    head: the name of its classification head module (a Linear); every other tensor is the backbone merged.
+    head: the name of its classification head module (a Linear, or a :class:`CosineHead`); every other tensor is the
+    backbone merged.
     features: ``(model, x) -> (B, D)`` the pooled features the head reads. prep: float images ``(B, 1, 28, 28)``
     to the model's input. info: what to report about it.
     """
@@ -158,16 +164,14 @@ class Backbone:
     prep: Callable[[Tensor], Tensor] = lambda x: x
     info: dict[str, Any] = field(default_factory=dict)
 
-    def with_head(self, head: nn.Linear) -> nn.Module:
+    def with_head(self, head: nn.Module) -> nn.Module:
         """A copy of the base model with ``head`` (copied) as its classification head."""
         model = copy.deepcopy(self.model)
         model.set_submodule(self.head, copy.deepcopy(head))
         return model
 
-    def head_of(self, model: nn.Module) -> nn.Linear:
-        head = model.get_submodule(self.head)
-        assert isinstance(head, nn.Linear)
-        return head
+    def head_of(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.head)
 
 
 def backbone_of(state: dict[str, Tensor], head: str) -> dict[str, Tensor]:
@@ -234,15 +238,48 @@ def linear_probe(bb: Backbone, data: XY, num_classes: int, sizes: Sizes, seed: i
     return head
 
 
-def fine_tune(bb: Backbone, head: nn.Linear, data: XY, sizes: Sizes, seed: int, tune_head: bool = True) -> nn.Module:
-    """The base model with ``head``, fine-tuned on ``data`` (``tune_head=False``: the head frozen)."""
+class CosineHead(nn.Module):
+    """A fixed cosine classifier, as CLIP's zero-shot head: ``scale * normalize(f) @ normalize(prototypes)^T``.
+
+    ``prototypes`` ``(C, D)`` are a buffer (no parameter: fine-tuning never changes them).
+    """
+
+    def __init__(self, prototypes: Tensor, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", F.normalize(prototypes.detach(), dim=1))
+        self.scale = float(scale)
+        self.in_features, self.out_features = prototypes.shape[1], prototypes.shape[0]
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.scale * F.normalize(features, dim=1) @ self.weight.t()
+
+
+def prototype_head(bb: Backbone, data: XY, num_classes: int, sizes: Sizes, seed: int) -> CosineHead:
+    """A :class:`CosineHead` on the class means of the frozen base backbone's features of ``sizes.shots`` seeded
+    random examples per class of ``data``."""
+    x, y = data
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([p[torch.randperm(len(p), generator=g)[:sizes.shots]]
+                     for p in (torch.nonzero(y == c).flatten() for c in range(num_classes))])
+    with torch.no_grad():
+        bb.model.eval()
+        x_s, y_s = x[idx.to(x.device)], y[idx.to(y.device)]
+        feats = bb.features(bb.model, bb.prep(x_s))
+    protos = torch.stack([feats[y_s == c].mean(0) for c in range(num_classes)])
+    return CosineHead(protos, sizes.cosine_scale)
+
+
+def fine_tune(bb: Backbone, head: nn.Module, data: XY, sizes: Sizes, seed: int, tune_head: bool = True,
+              lr: float | None = None) -> nn.Module:
+    """The base model with ``head``, fine-tuned on ``data`` (``tune_head=False``: the head frozen; ``lr``: instead
+    of ``sizes.ft_lr``)."""
     model = bb.with_head(head)
     params = [p for n, p in model.named_parameters() if tune_head or not n.startswith(bb.head + ".")]
     if not tune_head:
         for p in bb.head_of(model).parameters():
             p.requires_grad_(False)
-    _train(model, params, data, bb.prep, sizes.ft_steps, sizes.ft_lr, sizes.batch, seed, freeze_bn=True,
-           optimizer="sgd")
+    _train(model, params, data, bb.prep, sizes.ft_steps, sizes.ft_lr if lr is None else lr, sizes.batch, seed,
+           freeze_bn=True, optimizer="sgd")
     return model
 
 

@@ -56,6 +56,7 @@ from edgetune.merging.bench.task_setup import (
     check_backbone,
     fine_tune,
     linear_probe,
+    prototype_head,
 )
 from edgetune.merging.config import MERGERS
 
@@ -111,7 +112,7 @@ def grid_for(method: str, quick: bool) -> list[dict[str, Any]]:
 class _Evaluator:
     """Accuracy of a backbone state dict on each task with that task's head, and on the must-keep task."""
 
-    def __init__(self, bb: Backbone, tasks: Sequence[Task], heads: Sequence[nn.Linear], must_keep: Task) -> None:
+    def __init__(self, bb: Backbone, tasks: Sequence[Task], heads: Sequence[nn.Module], must_keep: Task) -> None:
         self.bb, self.tasks, self.must_keep = bb, list(tasks), must_keep
         self.models = [bb.with_head(h) for h in heads]
         self.base_model = bb.with_head(bb.head_of(bb.model))
@@ -185,7 +186,7 @@ class _Run:
     info: dict[str, Any]
     bb: Backbone
     tasks: list[Task]
-    heads: list[nn.Linear]  # each task's fine-tuned head
+    heads: list[nn.Module]  # each task's head (fine-tuned, frozen probe or cosine)
     must_keep: Task
     sizes: Sizes
 
@@ -206,13 +207,13 @@ def _tasks(option: Any) -> list[str]:
     return wanted
 
 
-HEADS = ("tuned", "frozen")
+HEADS = ("tuned", "frozen", "cosine")
 
 
 def _heads(option: Any) -> str:
     heads = "tuned" if option is None else str(option)
     if heads not in HEADS:
-        raise ConfigError(f"merging-tasks: heads={heads!r}; use heads=tuned (LP-FT, the default) or heads=frozen")
+        raise ConfigError(f"merging-tasks: heads={heads!r}; use heads=tuned (LP-FT, the default), frozen or cosine")
     return heads
 
 
@@ -225,9 +226,13 @@ def _prepare(ctx: BenchContext, wanted: list[str]) -> _Run:
     for t in [*tasks, must_keep]:
         t.train, t.val, t.test = [(x.to(ctx.device), y.to(ctx.device)) for x, y in (t.train, t.val, t.test)]
     bb = build_backbone(str(ctx.option("backbone", "mlp")), must_keep, sizes, ctx.seed, ctx.device)
-    tune_head = _heads(ctx.option("heads")) == "tuned"
-    tuned = [fine_tune(bb, linear_probe(bb, t.train, t.num_classes, sizes, ctx.seed + i, shots=sizes.shots),
-                       t.train, sizes, ctx.seed + i, tune_head=tune_head) for i, t in enumerate(tasks)]
+    heads_kind = _heads(ctx.option("heads"))
+    if heads_kind == "cosine":
+        tuned = [fine_tune(bb, prototype_head(bb, t.train, t.num_classes, sizes, ctx.seed + i), t.train, sizes,
+                           ctx.seed + i, tune_head=False, lr=sizes.cosine_ft_lr) for i, t in enumerate(tasks)]
+    else:
+        tuned = [fine_tune(bb, linear_probe(bb, t.train, t.num_classes, sizes, ctx.seed + i, shots=sizes.shots),
+                           t.train, sizes, ctx.seed + i, tune_head=heads_kind == "tuned") for i, t in enumerate(tasks)]
     shifted = (must_keep.train[0], (must_keep.train[1] + 1) % must_keep.num_classes)  # every answer wrong
     bad = fine_tune(bb, bb.head_of(bb.model), shifted, sizes, ctx.seed + len(tasks), tune_head=False)
     probes = [linear_probe(bb, t.train, t.num_classes, sizes, ctx.seed + i) for i, t in enumerate(tasks)]
@@ -241,7 +246,7 @@ def _prepare(ctx: BenchContext, wanted: list[str]) -> _Run:
                 bad=backbone_of(bad.state_dict(), bb.head),
                 ev=_Evaluator(bb, tasks, heads, must_keep),
                 probe=_Evaluator(bb, tasks, probes, must_keep), ft=ft,
-                info={"backbone": bb.name, "tasks": ",".join(names), "heads": "tuned" if tune_head else "frozen",
+                info={"backbone": bb.name, "tasks": ",".join(names), "heads": heads_kind,
                       "setup_s": secs, **bb.info},
                 bb=bb, tasks=tasks, heads=heads, must_keep=must_keep, sizes=sizes)
 
@@ -266,7 +271,8 @@ def _references(run: _Run) -> list[dict[str, Any]]:
              "methods": "merge methods to run (default: every registered method but the whole-model ones)",
              "heads": "tuned (default: LP-FT, each task's head fine-tuned with the backbone) or frozen (the few-shot "
                       "probe head stays fixed while the backbone is fine-tuned, as task arithmetic and AdaMerging "
-                      "keep CLIP's zero-shot heads)",
+                      "keep CLIP's zero-shot heads) or cosine (CLIP-like: a fixed cosine head on few-shot class "
+                      "means of the base features, the backbone fine-tuned under it)",
              "tasks": f"the tasks to fine-tune and merge (default all: {', '.join(TASKS)})",
              "plot_dir": "folder of merging-tasks.png (default bench/results; quick: the scratch folder)"},
     table=lambda path: tasks_table(path))
@@ -346,7 +352,8 @@ def plot_merging(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
-_HEAD_TEXT = {"tuned": "heads fine-tuned with the backbone, LP-FT", "frozen": "few-shot probe heads kept frozen"}
+_HEAD_TEXT = {"tuned": "heads fine-tuned with the backbone, LP-FT", "frozen": "few-shot probe heads kept frozen",
+              "cosine": "fixed cosine heads on few-shot class means, CLIP-like"}
 
 
 def _f(v: str | None) -> str:
