@@ -274,7 +274,8 @@ def _references(run: _Run) -> list[dict[str, Any]]:
                       "keep CLIP's zero-shot heads) or cosine (CLIP-like: a fixed cosine head on few-shot class "
                       "means of the base features, the backbone fine-tuned under it)",
              "tasks": f"the tasks to fine-tune and merge (default all: {', '.join(TASKS)})",
-             "plot_dir": "folder of merging-tasks.png (default bench/results; quick: the scratch folder)"},
+             "plot_dir": "folder of merging-tasks.png (merging-tasks-<heads>.png for other heads; default "
+                         "bench/results; quick: the scratch folder)"},
     table=lambda path: tasks_table(path))
 def _merging_tasks(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     methods = _methods(ctx.option("methods"))
@@ -312,7 +313,8 @@ def _merging_tasks(ctx: BenchContext) -> Iterable[dict[str, Any]]:
                 if r["task"] == "mean":
                     r["stats_s"] = aware.stats_s[method]
     plot_dir = Path(ctx.option("plot_dir", ctx.out_dir if ctx.quick else DEFAULT_RESULTS_DIR))
-    log.info("merging-tasks: plot in %s", plot_merging(rows, plot_dir / "merging-tasks.png"))
+    name = "merging-tasks.png" if run.info["heads"] == "tuned" else f"merging-tasks-{run.info['heads']}.png"
+    log.info("merging-tasks: plot in %s", plot_merging(rows, plot_dir / name))
     for r in rows:
         yield {**run.info, **r}
 
