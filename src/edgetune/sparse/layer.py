@@ -239,7 +239,13 @@ class SparseLinear(nn.Module):
             return "native" if native_supported(self.values.device, self.values.dtype, self.indices.dtype) else "csr"
         if self.backend != "auto":
             return self.backend
-        return choose_backend(self.density, self.values.device, self.values.dtype, self.indices.dtype)
+        values, indices = self.values, self.indices
+        key = (indices.shape[1], values.dtype, values.device, indices.dtype)
+        cached = self.__dict__.get("_auto_backend")
+        if cached is None or cached[0] != key:  # the choice depends on these only (and on the loaded kernels)
+            cached = (key, choose_backend(self.density, values.device, values.dtype, indices.dtype))
+            self.__dict__["_auto_backend"] = cached
+        return cached[1]
 
     def index_bytes(self) -> int:
         """Bytes of the topology: ``indices`` plus the cached CSR structures built so far."""
@@ -308,22 +314,23 @@ class SparseLinear(nn.Module):
         backend = self.resolved_backend()
         topo = self._topology()
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (N, in)
         relu = self.activation == "relu"
         if backend == "dense":
             y = dense_linear(x2, self.values, self.bias, topo)
             y = torch.relu(y) if relu else y
         else:
-            if backend == "native":  # reads x2 in either layout; the ReLU fused
-                yt = native_linear(x2, self.values, self.bias, topo, native.load(), relu)
+            kernels = native.load() if backend == "native" else None
+            if kernels is not None:  # reads x2 in either layout; the ReLU fused
+                yt = native_linear(x2, self.values, self.bias, topo, kernels, relu)
             else:
-                fn = csr_linear_t if backend == "csr" else gather_linear_t
+                fn = gather_linear_t if backend == "gather" else csr_linear_t  # native unavailable: csr
                 yt = fn(x2.t().contiguous(), self.values, self.bias, topo)  # (out, N)
                 yt = torch.relu(yt) if relu else yt
             y = yt.t()  # (out, N) -> (N, out) view
             if not self.transposed_output:
                 y = y.contiguous()
-        return y.reshape(*lead, self.out_features)
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
 
 def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: nn.Parameter, old_indices: Tensor,
