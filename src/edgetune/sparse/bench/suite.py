@@ -2,7 +2,8 @@
 
 Rows of two kinds (column ``part``): ``predictors`` (one row per predictor and layer size, with the
 official C++/torch timings from the CHT spec beside ours) and ``train`` (the 784-1568-1568-1568-10 MLP,
-dense and at ``density``, one Adam step, time and state memory side by side in one process).
+dense and at ``density``, one Adam step, time and state memory side by side in one process; the sparse
+layers on the ``auto`` backend, the native kernels on a CPU, and others with ``backends=[auto,csr]``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ LLM_SIZES = [(11008, 4096, 0.05), (14336, 4096, 0.05)]
 @register_suite("sparse", summary="CH link-prediction speed vs the official code; sparse vs dense MLP train step",
                 options={"part": "predictors | train | all (default all)", "density": "train-step density (0.01)",
                          "batches": "train-step batch sizes (list)", "threads": "CPU threads for the train step",
+                         "backends": "train step: sparse backends side by side (list; default [auto])",
+                         "fused_relu": "train step: the sparse layers apply their ReLU (default true)",
                          "llm": "also time the node-based predictors on LLM-size layers (default: on CUDA)"})
 def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     from edgetune.sparse.bench.predictors import predictor_rows
@@ -41,7 +44,11 @@ def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         density = float(ctx.option("density", 0.01))
         batches = ctx.option("batches", [32] if ctx.quick else [32, 128, 1024])
         widths = (256, 256, 256) if ctx.quick else (1568, 1568, 1568)
+        backends = ctx.option("backends", ["auto"])
+        fused = ctx.option("fused_relu", True)
         for batch in batches if isinstance(batches, list) else [batches]:
             for row in train_step_rows(density, widths, batch=int(batch), repeats=5 if ctx.quick else 20,
-                                       device=ctx.device, threads=ctx.option("threads", 2), seed=ctx.seed):
+                                       device=ctx.device, threads=ctx.option("threads", 2), seed=ctx.seed,
+                                       backends=backends if isinstance(backends, list) else [backends],
+                                       fused_relu=fused not in (False, "false", "0", 0)):
                 yield {"part": "train", "torch_threads": ctx.option("threads", 2), **row}
