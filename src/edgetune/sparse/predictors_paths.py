@@ -23,8 +23,10 @@ dominate). The counts come with their weighted sums from one complex product
 existing links, which are overwritten with ``fill_existing``.
 
 Work: ``O(nnz · I)`` at most for the first two terms, the corrected paths for the last, the wedges or
-pairs that find them, and the ``(O, I)`` result; no ``(O+I)²`` buffer. scipy's sparse products release
-the GIL, so row blocks run on ``torch.get_num_threads()`` threads (one is faster on a busy machine).
+pairs that find them, and the ``(O, I)`` result; no ``(O+I)²`` buffer. The sparse-sparse products run on
+the native kernel (:mod:`edgetune.sparse.native.paths`: one multiply-add per path term, accumulated straight
+into the dense result, OpenMP over its rows) where it builds, else on scipy's products, whose row blocks run
+on ``torch.get_num_threads()`` threads (they release the GIL; one is faster on a busy machine).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from edgetune.sparse.native import paths as native_paths
+from edgetune.sparse.native.paths import PathKernels
+
 __all__ = ["SparseLayer", "layer_csr", "sparse_path_cost", "sparse_path_scores"]
 
 log = logging.getLogger(__name__)
@@ -52,12 +57,14 @@ DeltaAt = tuple[np.ndarray, np.ndarray]  # corrections: flat keys ``row * n + co
 LOOKUP_TABLE_MAX = 2**24
 LOOKUP_QUERIES_PER_ENTRY = 16
 PAIRS_BELOW = 1.0  # find the doubly corrected paths from the pairs when under this x the wedges
+NATIVE_OFF = False  # tests set it to compare with the scipy path
 BLOCK_FLOPS = 2**22  # multiply-adds per row block of a sparse product (bounds its temporary output)
 WEDGE_BLOCK = 2**22  # wedges enumerated per block
 # seconds per operation on this project's 2-core CPU, one thread, float32 (used to pick the algorithm)
 SEC_SPGEMM = 8e-9  # one multiply-add of a sparse-sparse product, with its share of output handling
 SEC_SPMM = 4e-10  # one multiply-add of CSR times dense (memory-bound axpy of dense rows)
 SEC_DENSE = 2e-9  # one entry of a dense operand built from a sparse one
+SEC_NATIVE = 1.5e-9  # one multiply-add of the native product into the dense output (native/paths.cpp)
 
 
 @dataclass(frozen=True)
@@ -213,9 +220,18 @@ def _to_torch_csr(csr: sp.csr_matrix) -> torch.Tensor:
         )
 
 
+def _native() -> PathKernels | None:
+    return None if NATIVE_OFF else native_paths.load()
+
+
 def _add_spgemm(out: torch.Tensor, left: sp.csr_matrix, right: sp.csr_matrix, threads: int) -> None:
-    """``out += left @ right`` by sparse products over row blocks (threads share the blocks)."""
+    """``out += left @ right``: by the native kernel straight into ``out`` when it is available, else by scipy's
+    sparse products over row blocks (threads share the blocks)."""
     if left.nnz == 0 or right.nnz == 0:
+        return
+    kernels = _native()
+    if kernels is not None and kernels.fits(left, right):
+        kernels.add_product(out, left, right, threads)
         return
     row_flops = left @ np.diff(right.indptr).astype(np.float64)
     blocks = _row_blocks(row_flops, BLOCK_FLOPS)
@@ -247,8 +263,9 @@ def _add_product(
     m = right.shape[1]
     col_nnz = np.bincount(left.indices, minlength=inner).astype(np.float64)
     flops = float(col_nnz @ np.diff(right.indptr))
+    native = _native()
     costs = {
-        "sparse": SEC_SPGEMM * flops,
+        "sparse": (SEC_NATIVE if native is not None and native.fits(left, right) else SEC_SPGEMM) * flops,
         "dense_right": SEC_SPMM * left.nnz * m + SEC_DENSE * inner * m,
         "dense_left": SEC_SPMM * right.nnz * n + SEC_DENSE * n * inner,
     }
@@ -389,8 +406,9 @@ def sparse_path_cost(deg_out: torch.Tensor, deg_in: torch.Tensor) -> float:
     paths = float((d_in * d_in).sum()) * float((d_out * d_out).sum()) / max(nnz, 1.0)
     double = paths * (1 - math.exp(-lam_in)) * (1 - math.exp(-lam_out))
     wedges = float((d_in * d_in).sum() + (d_out * d_out).sum())
-    products = min(SEC_SPMM * nnz * (n_in + n_out), SEC_SPGEMM * paths)
-    return products + SEC_SPGEMM * (double + wedges) + SEC_DENSE * n_out * n_in
+    sec = SEC_NATIVE if _native() is not None else SEC_SPGEMM
+    products = min(SEC_SPMM * nnz * (n_in + n_out), sec * paths)
+    return products + sec * double + SEC_SPGEMM * wedges + SEC_DENSE * n_out * n_in
 
 
 def sparse_path_scores(
