@@ -193,8 +193,9 @@ def csr_linear_t(xt: Tensor, values: Tensor, bias: Tensor | None, topo: Topology
 def native_linear(x: Tensor, values: Tensor, bias: Tensor | None, topo: Topology,
                   kernels: native.NativeKernels, relu: bool = False) -> Tensor:
     """``act(x @ W^T + b)`` with the native kernels (float32, CPU, int32 links: the layer checks).
-    x ``(N, in)``, contiguous or the transposed view of a contiguous ``(in, N)`` (else copied) -> its
-    transpose ``(out, N)`` contiguous; ``relu`` fuses a ReLU."""
+    x ``(N, in)``, row-major or the transposed view of a row-major ``(in, N)`` (else copied) -> its
+    transpose ``(out, N)``, row-major with, from N = 512 on, a padded leading dimension (see
+    :mod:`edgetune.sparse.native`); ``relu`` fuses a ReLU."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, values, bias))
     return _NativeLinear.apply(x, values, bias, topo, kernels, relu, relu and grad)
 

@@ -123,9 +123,10 @@ class SparseLinear(nn.Module):
             "csr", "gather" or "dense". "native" (edgetune's C++ kernels) needs CPU float32 values; where
             they could not be built it falls back to "csr" (logged once).
         transposed_output: with a sparse backend, return the output as a transposed view (its
-            batch dimension contiguous) instead of a contiguous tensor. This saves two transposes per
-            step when the output only feeds element-wise ops and another ``SparseLinear`` (the hidden
-            layers of an MLP); leave it False when a dense layer, a ``.view()`` or attention reads it.
+            batch dimension contiguous; with the native kernels and 512 or more rows, of a buffer whose
+            rows are padded) instead of a contiguous tensor. This saves two transposes per step when the
+            output feeds element-wise ops, another ``SparseLinear`` or an ``nn.Linear`` (the layers of
+            an MLP); leave it False when a ``.view()`` or attention reads it.
         activation: None, or "relu" for ``y = relu(x @ W^T + b)``; the native kernels fuse it (no
             pass over the output for the ReLU nor for its gradient), the other backends apply it after.
 
