@@ -145,6 +145,7 @@ def test_auto_picks_native_for_cpu_float32(kernels: native.NativeKernels) -> Non
     assert choose_backend(0.01, cpu, torch.float32) == "native"
     assert choose_backend(0.01, cpu, torch.float32, torch.int64) == "csr"  # huge layers: int64 links
     assert choose_backend(0.01, cpu, torch.float64) == "csr"
+    assert choose_backend(0.15, cpu, torch.float32) == "native"  # above the csr limit, below native's
     assert choose_backend(0.5, cpu, torch.float32) == "dense"
     layer = SparseLinear(20, 10, torch.tensor([[0, 3], [1, 2]]), dtype=torch.float64, backend="native")
     with pytest.raises(ConfigError, match="float32 on the CPU"):
