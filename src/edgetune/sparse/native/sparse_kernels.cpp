@@ -110,7 +110,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Tile buffers of the calling thread, kept between calls (no allocation, page faults or zero fill per call).
 float* scratch(int slot, size_t count) {
-  thread_local std::vector<float> bufs[2];
+  thread_local std::vector<float> bufs[3];
   std::vector<float>& b = bufs[slot];
   if (b.size() < count) b.resize(count);
   return b.data();
@@ -336,6 +336,21 @@ void et_forward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, cons
     }
     return;
   }
+  if (threads > 1 && nt >= 2 * threads) {  // whole tiles per thread, each packed into the thread's own buffer
+#pragma omp parallel num_threads(threads)
+    {
+      float* const own = scratch(0, static_cast<size_t>(cols) * 128);
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < nt; ++k) {
+        const Tile t = tiles[k];
+        pack(x, xl, ldx, t, 0, cols, nullptr, 0, own);
+        spmm_tile(t, 0, rows, crow, idx, val, nullptr, bias, own, t.width, y + t.n0, ldy, relu != 0,
+                  bits ? bits + t.n0 / VL : nullptr, ldb);
+      }
+    }
+    return;
+  }
+  // few tiles: the threads fill each tile's buffer together, then split its rows
   float* const buf = scratch(0, static_cast<size_t>(cols) * std::min<int64_t>(n, 128));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -376,6 +391,46 @@ void et_backward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, con
   const int wide = (rows + (pack_x ? cols : 0)) * 128 * 4 <= (1 << 20) ? 128 : 64;
   const Tiling tiles(n, wide);
   const int64_t nt = tiles.count(), w_max = std::min<int64_t>(n, wide);
+  if (threads > 1 && nt >= 2 * threads) {
+    // Whole tiles per thread with buffers of its own (no barriers, each tile in one core's L2); the value
+    // and bias gradients are summed per thread, then over the threads.
+    const int64_t nnz = gv ? crow[rows] : 0, part = nnz + (gb ? rows : 0);
+    float* const partial = scratch(2, static_cast<size_t>(part) * threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int tid = thread_id(), nth = team_size();
+      float* const own_g = scratch(0, static_cast<size_t>(rows) * w_max);
+      float* const own_x = pack_x ? scratch(1, static_cast<size_t>(cols) * w_max) : nullptr;
+      float* const pv = gv ? partial + tid * part : nullptr;
+      float* const pb = gb ? partial + tid * part + nnz : nullptr;
+      bool first = true;
+#pragma omp for schedule(static)
+      for (int64_t k = 0; k < nt; ++k) {
+        const Tile t = tiles[k];
+        pack(g, gl, ldg, t, 0, rows, mask, ldm, own_g);
+        if (pack_x) pack(x, xl, ldx, t, 0, cols, nullptr, 0, own_x);
+        if (gv || gb)
+          sddmm_tile(t, 0, rows, first, crow, idx, own_g, t.width, pack_x ? own_x : x + t.n0,
+                     pack_x ? t.width : ldx, pv, pb);
+        if (gx) spmm_tile(t, 0, cols, crow_t, idx_t, val, perm_t, nullptr, own_g, t.width, gx + t.n0, ldgx);
+        first = false;
+      }
+      if (first)  // no tile for this thread (cannot happen with 2 tiles a thread; kept for safety)
+        for (int64_t i = 0; i < part; ++i) partial[tid * part + i] = 0.0f;
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < part; ++i) {
+        float sum = 0.0f;
+        for (int u = 0; u < nth; ++u) sum += partial[u * part + i];
+        if (i < nnz)
+          gv[i] = sum;
+        else
+          gb[i - nnz] = sum;
+      }
+    }
+    return;
+  }
+  // few tiles: the threads fill each tile's buffer together, then split its rows and columns
   float* const gbuf = scratch(0, static_cast<size_t>(rows) * w_max);
   float* const xbuf = pack_x ? scratch(1, static_cast<size_t>(cols) * w_max) : nullptr;
 #pragma omp parallel num_threads(threads) if (threads > 1)
