@@ -123,28 +123,29 @@ class _CsrLinearT(torch.autograd.Function):
 
 
 class _NativeLinear(torch.autograd.Function):
+    # spec = (topology, kernels, relu, relu_mask): one argument, as Function.apply walks every argument
     @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None, topo: Topology,  # type: ignore[override]
-                kernels: native.NativeKernels, relu: bool, relu_mask: bool) -> Tensor:
+    def forward(ctx, x: Tensor, values: Tensor, bias: Tensor | None,  # type: ignore[override]
+                spec: tuple[Topology, native.NativeKernels, bool, bool]) -> Tensor:
+        topo, kernels, relu, relu_mask = spec
         values = values.contiguous()
         bias = None if bias is None else bias.contiguous()
-        yt, x_used, mask = kernels.forward(topo.crow, topo.cols, values, bias, x, relu,
-                                           relu_mask=relu_mask)
+        yt, x_used, mask = kernels.forward(topo.crow, topo.cols, values, bias, x, relu, relu_mask=relu_mask)
         ctx.save_for_backward(x_used, values, mask)
-        ctx.topo, ctx.kernels, ctx.relu = topo, kernels, relu
+        ctx.spec = spec
         return yt
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gyt: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, values, mask = ctx.saved_tensors
-        if ctx.relu and mask is None:
+        topo, kernels, relu, _ = ctx.spec
+        if relu and mask is None:
             raise RuntimeError("native sparse layer: backward through a ReLU forward that ran without gradients")
-        topo: Topology = ctx.topo
         need_x, need_v, need_b = ctx.needs_input_grad[:3]
-        gx, gv, gb = ctx.kernels.backward(topo.crow, topo.cols, topo.transposed() if need_x else None, values,
-                                          gyt, mask, x, need_v, need_b)
-        return gx, gv, gb, None, None, None, None
+        gx, gv, gb = kernels.backward(topo.crow, topo.cols, topo.transposed() if need_x else None, values, gyt,
+                                      mask, x, need_v, need_b)
+        return gx, gv, gb, None
 
 
 class _GatherLinearT(torch.autograd.Function):
@@ -197,7 +198,7 @@ def native_linear(x: Tensor, values: Tensor, bias: Tensor | None, topo: Topology
     transpose ``(out, N)``, row-major with, from N = 512 on, a padded leading dimension (see
     :mod:`edgetune.sparse.native`); ``relu`` fuses a ReLU."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, values, bias))
-    return _NativeLinear.apply(x, values, bias, topo, kernels, relu, relu and grad)
+    return _NativeLinear.apply(x, values, bias, (topo, kernels, relu, relu and grad))
 
 
 def gather_linear_t(xt: Tensor, values: Tensor, bias: Tensor | None, topo: Topology) -> Tensor:
