@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from edgetune.core.errors import ShapeError
 from edgetune.sparse import native
 
 __all__ = ["Topology", "csr_linear_t", "dense_linear", "gather_linear_t", "link_keys", "match_links",
@@ -197,6 +198,9 @@ def native_linear(x: Tensor, values: Tensor, bias: Tensor | None, topo: Topology
     x ``(N, in)``, row-major or the transposed view of a row-major ``(in, N)`` (else copied) -> its
     transpose ``(out, N)``, row-major with, from N = 512 on, a padded leading dimension (see
     :mod:`edgetune.sparse.native`); ``relu`` fuses a ReLU."""
+    if x.dtype != values.dtype or x.device != values.device:
+        raise ShapeError(f"sparse layer with {values.dtype} weights on {values.device} got an input of dtype "
+                         f"{x.dtype} on {x.device}; cast the input (x.to(...)) or the layer (layer.to(...)).")
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, values, bias))
     return _NativeLinear.apply(x, values, bias, (topo, kernels, relu, relu and grad))
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgetune.core.errors import ConfigError
+from edgetune.core.errors import ConfigError, ShapeError
 from edgetune.sparse import native
 from edgetune.sparse.layer import SparseLinear, choose_backend
 
@@ -150,6 +150,9 @@ def test_auto_picks_native_for_cpu_float32(kernels: native.NativeKernels) -> Non
     layer = SparseLinear(20, 10, torch.tensor([[0, 3], [1, 2]]), dtype=torch.float64, backend="native")
     with pytest.raises(ConfigError, match="float32 on the CPU"):
         layer.resolved_backend()
+    layer = SparseLinear(20, 10, torch.tensor([[0, 3], [1, 2]]), backend="native")
+    with pytest.raises(ShapeError, match="cast the input"):
+        layer(torch.ones(3, 20, dtype=torch.float64))
 
 
 def _mlp(backend: str, seed: int) -> nn.Sequential:
