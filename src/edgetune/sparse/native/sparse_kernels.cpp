@@ -108,6 +108,10 @@ struct Tiling {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Below this many (link, batch column) products a call runs on one thread: starting and joining the team
+// would cost more than it saves.
+constexpr int64_t kParallelFrom = 1 << 16;
+
 // Tile buffers of the calling thread, kept between calls (no allocation, page faults or zero fill per call).
 float* scratch(int slot, size_t count) {
   thread_local std::vector<float> bufs[3];
@@ -319,6 +323,7 @@ void et_forward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, cons
                 const float* bias, const float* x, int x_layout, int64_t ldx, float* y, int64_t ldy, int relu,
                 uint16_t* bits, int64_t ldb, int threads) {
   if (rows <= 0 || n <= 0) return;
+  if (static_cast<int64_t>(crow[rows]) * n < kParallelFrom) threads = 1;
   const Layout xl = static_cast<Layout>(x_layout);
   const Tiling tiles(n, 128);
   const int64_t nt = tiles.count();
@@ -385,6 +390,7 @@ void et_backward(int64_t rows, int64_t cols, int64_t n, const int32_t* crow, con
       for (int64_t r = 0; r < rows; ++r) gb[r] = 0.0f;
     return;
   }
+  if (static_cast<int64_t>(crow[rows]) * n < kParallelFrom) threads = 1;
   const Layout gl = static_cast<Layout>(g_layout), xl = static_cast<Layout>(x_layout);
   const bool pack_x = gv != nullptr && !direct(xl, n, ldx);
   // the tile's buffers within about 1 MiB of L2
