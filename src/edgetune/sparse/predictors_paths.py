@@ -360,8 +360,9 @@ def _second_halves(layer: SparseLayer, inputs: np.ndarray, outputs: np.ndarray, 
 
 def _add_double_corrections(
     out: torch.Tensor, layer: SparseLayer, dv: DeltaAt, du: DeltaAt, threads: int
-) -> int:
-    """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms.
+) -> int | None:
+    """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms (None
+    from the native kernel, which sums them in one pass without counting: ``native/paths.cpp``).
 
     The first halves ``a - i - b`` with ``dV[a, b] != 0`` are found from the wedges through the input
     nodes or from the pairs ``(a, b)``, whichever is fewer; each link ``(i, b)`` they use gets one row of
@@ -370,6 +371,12 @@ def _add_double_corrections(
     if dv[0].size == 0 or du[0].size == 0:
         return 0
     n_out, n_in = layer.shape
+    kernels = _native()
+    if kernels is not None and kernels.fits(layer.s, layer.st):
+        dv_csr = sp.csr_matrix((dv[1], np.divmod(dv[0], n_out)), shape=(n_out, n_out))
+        du_csr = sp.csr_matrix((du[1], np.divmod(du[0], n_in)), shape=(n_in, n_in))
+        kernels.add_double(out, layer.s, layer.st, dv_csr, du_csr, threads)
+        return None
     wedges = float(np.square(np.diff(layer.st.indptr).astype(np.float64)).sum())
     by_pairs = float(layer.deg_out[dv[0] // n_out].sum())
     if by_pairs < PAIRS_BELOW * wedges:
@@ -443,7 +450,7 @@ def sparse_path_scores(
     du_keys = c_in.rows[du_at].astype(np.int64) * n_in + c_in.cols[du_at]
     n_double = _add_double_corrections(out, layer, (dv_keys, dv), (du_keys, du), threads)
     log.debug(
-        "sparse path scores %dx%d (nnz %d): U-term %s, V-correction %s, %d doubly corrected path terms",
+        "sparse path scores %dx%d (nnz %d): U-term %s, V-correction %s, doubly corrected path terms: %s",
         n_out,
         n_in,
         layer.flat.size,

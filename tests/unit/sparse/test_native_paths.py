@@ -4,6 +4,7 @@ to scipy's products and say so once."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -71,3 +72,21 @@ def test_falls_back_to_scipy_when_it_cannot_be_built(monkeypatch: pytest.MonkeyP
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     finally:
         native_paths.reset()
+
+
+@needs_kernel
+def test_add_double_equals_the_path_sum() -> None:
+    """``out[a, k] += sum over a - i - b - k of du[i, k] dv[a, b]``, by brute force over every path."""
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(9, 11, generator=g) < 0.4).numpy()
+    dv = torch.randn(9, 9, generator=g).double().numpy() * (torch.rand(9, 9, generator=g) < 0.5).numpy()
+    du = torch.randn(11, 11, generator=g).double().numpy() * (torch.rand(11, 11, generator=g) < 0.5).numpy()
+    want = np.zeros((9, 11))
+    for a, i, b, k in itertools.product(range(9), range(11), range(9), range(11)):
+        if mask[a, i] and mask[b, i] and mask[b, k]:
+            want[a, k] += du[i, k] * dv[a, b]
+    out = torch.zeros(9, 11, dtype=torch.float64)
+    s = sp.csr_matrix(mask.astype(np.float64))
+    assert kernels is not None
+    kernels.add_double(out, s, s.T.tocsr(), sp.csr_matrix(dv), sp.csr_matrix(du), threads=2)
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-12, atol=1e-12)
