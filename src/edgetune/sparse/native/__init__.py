@@ -17,25 +17,20 @@ layers then use the ``csr`` kernels (``torch.sparse``).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from edgetune.sparse.native.compile import NativeBuildError, build_library, cache_dir, cached_path
 
 __all__ = ["NativeBuildError", "NativeKernels", "build", "cache_dir", "library_path", "load", "reset"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sparse_kernels.cpp")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c++17", "-Wno-psabi")
 _VERSION = 5  # et_version() of the source this module expects
 _DISABLE_VALUES = ("0", "off", "false", "no")
 
@@ -43,47 +38,9 @@ _loaded: NativeKernels | None = None
 _tried = False
 
 
-class NativeBuildError(RuntimeError):
-    """The native kernels could not be compiled or loaded; the message says why."""
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX", "g++")
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the machine and, on Linux, the CPU model and flags."""
-    sig = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features", "CPU part")):
-                    sig += "|" + line.strip()
-                if line.strip() == "":  # first processor only
-                    break
-    except OSError:
-        pass
-    return sig
-
-
-def cache_dir() -> Path:
-    """Folder of the built libraries (see the module docstring)."""
-    env = os.environ.get("EDGETUNE_NATIVE_DIR")
-    if env:
-        return Path(env).expanduser()
-    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
-        return Path(sys.prefix) / "share" / "edgetune-native"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetune" / "native"
-
-
 def library_path() -> Path:
     """Where the library for this source, flags, compiler and CPU is (or would be) cached."""
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler().encode(), _cpu_signature().encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    suffix = ".dll" if sys.platform == "win32" else ".so"
-    return cache_dir() / f"sparse_kernels-{digest.hexdigest()[:16]}{suffix}"
+    return cached_path(SOURCE)
 
 
 def build(force: bool = False) -> Path:
@@ -91,29 +48,7 @@ def build(force: bool = False) -> Path:
 
     Raises :class:`NativeBuildError` with the compiler's message when compiling fails.
     """
-    target = library_path()
-    if target.exists() and not force:
-        return target
-    cxx = _compiler()
-    if shutil.which(cxx) is None:
-        raise NativeBuildError(f"no C++ compiler {cxx!r} on PATH (install g++, or set CXX to one)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)  # then an atomic rename
-    os.close(fd)
-    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
-    try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-            raise NativeBuildError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n" + "\n".join(tail))
-        os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise NativeBuildError(f"`{' '.join(cmd)}` could not run: {err}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.info("built the native sparse kernels: %s", target)
-    return target
+    return build_library(SOURCE, force=force)
 
 
 def _ptr(t: Tensor | None) -> int | None:
