@@ -1,10 +1,12 @@
 """Native CPU kernels of :class:`~edgetune.sparse.layer.SparseLinear`: build, cache and load.
 
-``sparse_kernels.cpp`` (next to this file) holds two float32 kernels over the transposed, batch-contiguous
-activations (see :mod:`edgetune.sparse.kernels`): a CSR x dense product (forward, and the input gradient
-through the transposed CSR) and the value gradient sampled at the links (with the bias gradient). It is a
-plain C++ shared library, called through ``ctypes``: building needs a C++ compiler with OpenMP (``g++``),
-no Python headers, and takes about a second.
+``sparse_kernels.cpp`` (next to this file) holds two float32 entry points over int32 CSR links: the
+forward (``y^T = W x^T + b``, ReLU and its bit mask fused) and the backward (value, bias and input
+gradients from one pass over each batch tile, the ReLU mask applied while the output gradient is packed).
+Activations may come batch-contiguous (what the layers pass between them) or row-major; outputs are
+batch-contiguous, their rows padded from 512 batch rows on (see :func:`_padded`). It is a plain C++ shared
+library called through ``ctypes``: building needs a C++ compiler with OpenMP (``g++``), no Python headers,
+and takes about a second (:mod:`edgetune.sparse.native.compile`).
 
 ``make setup`` builds it (``python -m edgetune.sparse.native build``) into a cache folder keyed by the
 source, the flags, the compiler and the CPU (``-march=native``): ``$EDGETUNE_NATIVE_DIR``, else
