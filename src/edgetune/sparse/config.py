@@ -69,7 +69,8 @@ class SparseConfig(Config):
     <rule>_options (removal_options, regrowth_options, topology_options, weight_init_options,
         density_schedule_options): the chosen rule's own parameters, e.g. ``removal_options: {lambda:
         0.01}`` for mest; a key the rule does not take is refused with the rule's parameter list.
-    backend: SparseLinear compute backend (auto picks CSR kernels or a dense scatter by density).
+    backend: SparseLinear compute backend (auto picks the native C++ kernels on CPU float32 where they built, else
+        CSR kernels or a dense scatter by density).
     seed: seed of topology decisions (default: the run's seed), identical on every DDP rank.
     """
 
@@ -103,7 +104,7 @@ class SparseConfig(Config):
     topology_options: dict[str, Any] = Field(default_factory=dict)
     weight_init_options: dict[str, Any] = Field(default_factory=dict)
     density_schedule_options: dict[str, Any] = Field(default_factory=dict)
-    backend: Literal["auto", "csr", "gather", "dense"] = "auto"
+    backend: Literal["auto", "native", "csr", "gather", "dense"] = "auto"
     seed: int | None = Field(default=None, ge=0)
 
     @field_validator("method")
