@@ -39,10 +39,11 @@ import logging
 import warnings
 from typing import Literal
 
+import numpy as np
 import torch
 
 from edgetune.core.errors import ConfigError, ShapeError
-from edgetune.sparse.predictors_paths import sparse_path_cost, sparse_path_scores
+from edgetune.sparse.predictors_paths import mask_links, sparse_path_cost, sparse_path_scores
 
 __all__ = [
     "Algorithm",
@@ -200,13 +201,21 @@ def grouped_path_cost(deg_out: torch.Tensor, deg_in: torch.Tensor) -> float:
 
 def choose_algorithm(mask: torch.Tensor) -> Literal["grouped", "sparse"]:
     """``"sparse"`` on the CPU where its estimated cost is lower (low density), else ``"grouped"``."""
+    return _choose(mask)[0]
+
+
+def _choose(mask: torch.Tensor) -> tuple[Literal["grouped", "sparse"], tuple[np.ndarray, ...] | None]:
+    """:func:`choose_algorithm` and, on the CPU, the mask's links (:func:`mask_links`) for the next step."""
     if mask.device.type != "cpu" or mask.numel() == 0:
-        return "grouped"
-    deg_out, deg_in = mask.sum(1), mask.sum(0)
+        return "grouped", None
+    links = mask_links(mask)
+    n_out, n_in = mask.shape
+    deg_out = torch.from_numpy(np.bincount(links[1], minlength=n_out))
+    deg_in = torch.from_numpy(np.bincount(links[2], minlength=n_in))
     sparse = sparse_path_cost(deg_out, deg_in)
     grouped = grouped_path_cost(deg_out, deg_in)
     log.debug("path scores %s: estimated %.3g s sparse, %.3g s grouped", tuple(mask.shape), sparse, grouped)
-    return "sparse" if sparse < grouped else "grouped"
+    return ("sparse" if sparse < grouped else "grouped"), links
 
 
 def path_scores(
@@ -248,10 +257,11 @@ def path_scores(
     if mask.numel() == 0:
         return torch.zeros(n_out, n_in, dtype=dtype, device=mask.device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
+    links = None
     if algorithm == "auto":
-        algorithm = choose_algorithm(mask)
+        algorithm, links = _choose(mask)
     if algorithm == "sparse":
-        scores = sparse_path_scores(mask.cpu(), model, dtype=work, fill_existing=fill_existing)
+        scores = sparse_path_scores(mask.cpu(), model, dtype=work, fill_existing=fill_existing, links=links)
         return scores.to(device=mask.device, dtype=dtype)
     return _grouped_path_scores(mask, model, dtype, work, fill_existing, block_bytes)
 

@@ -46,7 +46,7 @@ import torch
 from edgetune.sparse.native import paths as native_paths
 from edgetune.sparse.native.paths import PathKernels
 
-__all__ = ["SparseLayer", "layer_csr", "sparse_path_cost", "sparse_path_scores"]
+__all__ = ["SparseLayer", "layer_csr", "mask_links", "sparse_path_cost", "sparse_path_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,21 @@ class SparseLayer:
         return self.s.shape
 
 
-def layer_csr(mask: torch.Tensor, dtype: np.dtype) -> SparseLayer:
-    """CSR form of a bool CPU mask ``(O, I)`` with unit data of numpy ``dtype``."""
+def mask_links(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat row-major indices of the links of a bool CPU mask ``(O, I)`` and their rows and columns
+    (numpy; a bool tensor's own ``sum`` over rows and columns costs more than this whole pass)."""
+    flat = np.flatnonzero(mask.contiguous().numpy().reshape(-1))
+    rows, cols = np.divmod(flat, mask.shape[1])
+    return flat, rows, cols
+
+
+def layer_csr(
+    mask: torch.Tensor, dtype: np.dtype, links: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> SparseLayer:
+    """CSR form of a bool CPU mask ``(O, I)`` with unit data of numpy ``dtype`` (``links``: what
+    :func:`mask_links` returns for it, when already computed)."""
     n_out, n_in = mask.shape
-    links = mask.contiguous().numpy().reshape(-1)
-    flat = np.flatnonzero(links)
-    rows, cols = np.divmod(flat, n_in)
+    flat, rows, cols = links if links is not None else mask_links(mask)
     idx = np.int32 if max(n_out, n_in, flat.size) < 2**31 else np.int64
     deg_out, deg_in = np.bincount(rows, minlength=n_out), np.bincount(cols, minlength=n_in)
     indptr = np.zeros(n_out + 1, dtype=idx)
@@ -97,7 +106,8 @@ def layer_csr(mask: torch.Tensor, dtype: np.dtype) -> SparseLayer:
     s = sp.csr_matrix((np.ones(flat.size, dtype), cols.astype(idx), indptr), shape=(n_out, n_in))
     st = s.T.tocsr()
     st.sort_indices()
-    return SparseLayer(s, st, flat, links, deg_out.astype(dtype), deg_in.astype(dtype))
+    links_flat = mask.contiguous().numpy().reshape(-1)
+    return SparseLayer(s, st, flat, links_flat, deg_out.astype(dtype), deg_in.astype(dtype))
 
 
 def lc_factor(common: np.ndarray, degree: np.ndarray, model: PathModel) -> np.ndarray:
@@ -419,14 +429,20 @@ def sparse_path_cost(deg_out: torch.Tensor, deg_in: torch.Tensor) -> float:
 
 
 def sparse_path_scores(
-    mask: torch.Tensor, model: PathModel, *, dtype: torch.dtype, fill_existing: float
+    mask: torch.Tensor,
+    model: PathModel,
+    *,
+    dtype: torch.dtype,
+    fill_existing: float,
+    links: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> torch.Tensor:
-    """Exact path-based CH scores ``(O, I)`` of a bool CPU mask (float32 or float64 ``dtype``)."""
+    """Exact path-based CH scores ``(O, I)`` of a bool CPU mask (float32 or float64 ``dtype``; ``links``:
+    see :func:`layer_csr`)."""
     n_out, n_in = mask.shape
     real = np.float64 if dtype == torch.float64 else np.float32
     cplx = np.complex128 if dtype == torch.float64 else np.complex64
     threads = max(1, torch.get_num_threads())
-    layer = layer_csr(mask, real)
+    layer = layer_csr(mask, real, links)
     out = torch.zeros(n_out, n_in, dtype=dtype)
     if layer.flat.size == 0:
         return out

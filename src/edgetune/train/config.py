@@ -36,6 +36,10 @@ class ScheduleConfig(Config):
     name: constant | cosine (to ``min_lr_ratio * lr``) | linear (decay to ``min_lr_ratio * lr``) |
     step (multiply by ``gamma`` at each fraction of training in ``milestones``).
     warmup_steps: linear warm-up from 0 before the schedule.
+    end_fraction: the fraction of training (after warm-up) at which cosine/linear reach their end value and
+        stay there (1.0: at the last step). The official CHT/CHTs MLP code decays to 1% at 90% of training.
+    per_epoch: the factor changes only at the start of an epoch, from the epoch's index (what a PyTorch
+        scheduler stepped once an epoch does), instead of at every optimizer step.
     """
 
     name: Literal["constant", "cosine", "linear", "step"] = "cosine"
@@ -43,6 +47,8 @@ class ScheduleConfig(Config):
     min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
     gamma: float = Field(default=0.1, gt=0, le=1)
+    end_fraction: float = Field(default=1.0, gt=0, le=1)
+    per_epoch: bool = False
 
     @field_validator("milestones")
     @classmethod

@@ -189,7 +189,7 @@ class Trainer:
                 "a stage with step: evaluate)"
             )
         opt = build_optimizer(trainable, self.cfg.optimizer)
-        return opt, build_scheduler(opt, self.session_steps, self.cfg.schedule)
+        return opt, build_scheduler(opt, self.session_steps, self.cfg.schedule, self.steps_per_epoch)
 
     def _hook(self, name: str) -> None:
         for cb in self.callbacks:
@@ -390,7 +390,7 @@ class Trainer:
         self._set_session_data(train if train is not None else self.train_data, epochs or self.cfg.epochs, cap)
         if k > 0:
             if keep_optimizer:
-                self.scheduler = build_scheduler(self.optimizer, self.session_steps, self.cfg.schedule)
+                self.scheduler = build_scheduler(self.optimizer, self.session_steps, self.cfg.schedule, self.steps_per_epoch)
             else:
                 self.optimizer, self.scheduler = self._build_optimizer()
             self.state.optimizer = self.optimizer

@@ -111,6 +111,13 @@ def test_a_skipped_step_does_not_advance_the_lr_schedule():
     assert rec.lrs == pytest.approx(expect)
 
 
+def test_the_loop_steps_a_per_epoch_schedule_by_epoch():
+    sched = {"name": "linear", "min_lr_ratio": 0.01, "per_epoch": True, "end_fraction": 0.5}
+    rec = SkipEvery(10**6)  # records every step's learning rate, skips none
+    Trainer(make_model(), blobs(), cfg(epochs=4, schedule=sched), callbacks=[rec]).fit()
+    assert rec.lrs == pytest.approx([0.1] * 8 + [0.1 * 0.505] * 8 + [0.1 * 0.01] * 16)
+
+
 def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path):
     full = Trainer(make_model(), blobs(), cfg(), test=blobs(64, 1), run_dir=tmp_path / "a", seed=3)
     full.fit()
@@ -192,6 +199,26 @@ def test_lr_schedules_are_pure_and_hit_endpoints():
     lin = validate(ScheduleConfig, {"name": "linear"})
     assert lr_factor(25, 100, lin) == pytest.approx(0.75)
     assert math.isclose(lr_factor(5, 100, validate(ScheduleConfig, {"name": "constant"})), 1.0)
+
+
+def test_per_epoch_linear_schedule_equals_torch_linearlr_stepped_each_epoch():
+    # the official CHT/CHTs MLP code: LinearLR(1 -> 0.01, total_iters=int(0.9 * epochs)), stepped per epoch
+    epochs, spe = 20, 7
+    sched = validate(ScheduleConfig, {"name": "linear", "min_lr_ratio": 0.01, "end_fraction": 0.9,
+                                      "per_epoch": True})
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.01, total_iters=int(epochs * 0.9))
+    for e in range(epochs):
+        for b in range(spe):
+            assert lr_factor(e * spe + b, epochs * spe, sched, spe) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    # per step, ending early: the end value from 90% of the steps on
+    lin = validate(ScheduleConfig, {"name": "linear", "min_lr_ratio": 0.01, "end_fraction": 0.9})
+    assert lr_factor(45, 100, lin) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(90, 100, lin) == pytest.approx(0.01) and lr_factor(99, 100, lin) == pytest.approx(0.01)
+    # without steps_per_epoch the per-epoch flag cannot apply: per step
+    assert lr_factor(45, 100, sched) == pytest.approx(0.01 + 0.99 * 0.5)
 
 
 def test_bad_train_configs_are_config_errors():
