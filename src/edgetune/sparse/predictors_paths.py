@@ -112,11 +112,16 @@ def layer_csr(
 
 def lc_factor(common: np.ndarray, degree: np.ndarray, model: PathModel) -> np.ndarray:
     """CH3 ``1/sqrt(deg - C)`` or CH2 ``sqrt((1 + C)/(deg - C))``; 0 where ``deg - C <= 0``."""
-    ext = degree - common
+    ext = np.subtract(degree, common, dtype=degree.dtype)
     valid = ext > 0
-    ext = np.where(valid, ext, 1)
-    out = 1 / np.sqrt(ext) if model == "ch3" else np.sqrt((1 + common) / ext)
-    return np.where(valid, out, 0).astype(degree.dtype, copy=False)
+    out = np.zeros_like(ext)
+    if model == "ch3":
+        np.sqrt(ext, out=out, where=valid)
+        np.reciprocal(out, out=out, where=valid)
+    else:
+        np.divide(1 + common, ext, out=out, where=valid)
+        np.sqrt(out, out=out)
+    return out
 
 
 def _rows_of(csr: sp.csr_matrix) -> np.ndarray:
@@ -189,16 +194,33 @@ class _Lookup:
 
 
 def _corrections(
-    side: _Side, degree: np.ndarray, base: np.ndarray, model: PathModel
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Factor ``f(C, degree)`` on every entry (``degree``, ``base``: per entry), and where the pair has
-    two or more common neighbours (off the diagonal) the non-zero corrections ``factor - base``:
-    returns ``(factor, positions of the corrections, corrections)``."""
-    factor = lc_factor(side.count, degree, model)
+    side: _Side, nodes: np.ndarray, degree: np.ndarray, base: np.ndarray, model: PathModel, full: bool
+) -> tuple[np.ndarray | None, np.ndarray, sp.csr_matrix]:
+    """Factor ``f(C, degree[nodes])`` of the entries (``nodes``: the node whose degree counts, per entry;
+    ``degree``, ``base``: per node) and, where the pair has two or more common neighbours (off the
+    diagonal), the non-zero corrections ``factor - base[nodes]`` as a CSR matrix of ``side``'s shape.
+    Returns ``(factor of every entry when full, else None; positions of the corrections; corrections)``."""
     multi = np.flatnonzero((side.count >= 2) & (side.rows != side.cols))
-    delta = factor[multi] - base[multi]
-    keep = delta != 0
-    return factor, multi[keep], delta[keep]
+    if full:
+        factor = lc_factor(side.count, degree[nodes], model)
+        at_multi = factor[multi]
+    else:
+        factor, at_multi = None, lc_factor(side.count[multi], degree[nodes[multi]], model)
+    delta = at_multi - base[nodes[multi]]
+    keep = multi[delta != 0]
+    return factor, keep, _csr_sorted(side.rows[keep], side.cols[keep], delta[delta != 0], side.csr.shape)
+
+
+def _csr_sorted(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """CSR from entries already in row-major order (rows non-decreasing, columns sorted within a row)."""
+    indptr = np.zeros(shape[0] + 1, dtype=cols.dtype)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    return sp.csr_matrix((values, cols, indptr), shape=shape)
+
+
+def _keys(csr: sp.csr_matrix) -> DeltaAt:
+    """The entries of ``csr`` as flat keys ``row * n + col`` and values."""
+    return _rows_of(csr).astype(np.int64) * csr.shape[1] + csr.indices, csr.data
 
 
 def _row_blocks(row_flops: np.ndarray, limit: int) -> list[tuple[int, int]]:
@@ -369,7 +391,7 @@ def _second_halves(layer: SparseLayer, inputs: np.ndarray, outputs: np.ndarray, 
 
 
 def _add_double_corrections(
-    out: torch.Tensor, layer: SparseLayer, dv: DeltaAt, du: DeltaAt, threads: int
+    out: torch.Tensor, layer: SparseLayer, dv_csr: sp.csr_matrix, du_csr: sp.csr_matrix, threads: int
 ) -> int | None:
     """``out[a, k] += Σ_{paths a-i-b-k} dU[i, k] · dV[a, b]``; returns the number of such path terms (None
     from the native kernel, which sums them in one pass without counting: ``native/paths.cpp``).
@@ -378,15 +400,14 @@ def _add_double_corrections(
     nodes or from the pairs ``(a, b)``, whichever is fewer; each link ``(i, b)`` they use gets one row of
     second halves ``dU[i, k]``, ``k ∈ N(b)``, and a sparse product sums the paths.
     """
-    if dv[0].size == 0 or du[0].size == 0:
+    if dv_csr.nnz == 0 or du_csr.nnz == 0:
         return 0
     n_out, n_in = layer.shape
     kernels = _native()
     if kernels is not None and kernels.fits(layer.s, layer.st):
-        dv_csr = sp.csr_matrix((dv[1], np.divmod(dv[0], n_out)), shape=(n_out, n_out))
-        du_csr = sp.csr_matrix((du[1], np.divmod(du[0], n_in)), shape=(n_in, n_in))
         kernels.add_double(out, layer.s, layer.st, dv_csr, du_csr, threads)
         return None
+    dv, du = _keys(dv_csr), _keys(du_csr)
     wedges = float(np.square(np.diff(layer.st.indptr).astype(np.float64)).sum())
     by_pairs = float(layer.deg_out[dv[0] // n_out].sum())
     if by_pairs < PAIRS_BELOW * wedges:
@@ -451,20 +472,16 @@ def sparse_path_scores(
     u1 = lc_factor(np.ones_like(layer.deg_in), layer.deg_in, model)  # f(1, deg(i)), inputs
     c_in = _common(st, _scaled(s, v1, cplx))  # (I, I): C_in and Cv
     c_out = _common(s, _scaled(st, u1, cplx))  # (O, O): C_out and Cu
-    u, du_at, du = _corrections(c_in, layer.deg_in[c_in.rows], u1[c_in.rows], model)  # U[i, k]: deg(i)
-    _, dv_at, dv = _corrections(c_out, layer.deg_out[c_out.cols], v1[c_out.cols], model)  # V[a, b]: deg(b)
+    u, _, du = _corrections(c_in, c_in.rows, layer.deg_in, u1, model, full=True)  # U[i, k] uses deg(i)
+    _, dv_at, dv = _corrections(c_out, c_out.cols, layer.deg_out, v1, model, full=False)  # V[a, b]: deg(b)
     # 1) M (U ⊙ Cv): every path with the exact input-side factor and v1 on the output side
     q = sp.csr_matrix((u * c_in.weighted, c_in.cols, c_in.csr.indptr), shape=(n_in, n_in))
     way_a = _add_product(out, s, q, threads)
     # 2) (dV ⊙ Cu) M: output-side corrections with u1
-    x = sp.csr_matrix(
-        (dv * c_out.weighted[dv_at], (c_out.rows[dv_at], c_out.cols[dv_at])), shape=(n_out, n_out)
-    )
+    x = sp.csr_matrix((dv.data * c_out.weighted[dv_at], dv.indices, dv.indptr), shape=dv.shape)
     way_b = _add_product(out, x, s, threads)
     # 3) Σ dU · dV over the paths where both intermediates have another common neighbour
-    dv_keys = c_out.rows[dv_at].astype(np.int64) * n_out + c_out.cols[dv_at]
-    du_keys = c_in.rows[du_at].astype(np.int64) * n_in + c_in.cols[du_at]
-    n_double = _add_double_corrections(out, layer, (dv_keys, dv), (du_keys, du), threads)
+    n_double = _add_double_corrections(out, layer, dv, du, threads)
     log.debug(
         "sparse path scores %dx%d (nnz %d): U-term %s, V-correction %s, doubly corrected path terms: %s",
         n_out,
