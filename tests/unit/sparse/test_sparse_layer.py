@@ -290,6 +290,10 @@ def test_train_step_rows_smoke() -> None:
     assert dense["param_bytes"] == 4 * n_dense and sparse["param_bytes"] == 4 * n_sparse
     assert sparse["state_bytes"] == 4 * (4 * n_sparse) + 6 * 4  # params, grads, 2 moments; 6 Adam steps
     assert sparse["memory_ratio"] < 0.5 and sparse["step_ms"] > 0
+    assert sparse["block"] == 5 and not sparse["fused_adam"]
+    fused = train_step_rows(0.05, widths=(64, 64), batch=8, repeats=1, warmup=1, in_features=32, threads=None,
+                            block=2, fused_adam=True)
+    assert all(r["fused_adam"] for r in fused) and fused[1]["block"] == 2
 
 
 @pytest.mark.gpu

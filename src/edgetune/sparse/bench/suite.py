@@ -25,6 +25,9 @@ LLM_SIZES = [(11008, 4096, 0.05), (14336, 4096, 0.05)]
                          "batches": "train-step batch sizes (list)", "threads": "CPU threads for the train step",
                          "backends": "train step: sparse backends side by side (list; default [auto])",
                          "fused_relu": "train step: the sparse layers apply their ReLU (default true)",
+                         "block": "train step: consecutive steps of one model between switches (default 5)",
+                         "fused_adam": "train step: torch's fused Adam for both models (default false: torch's "
+                                       "default Adam, what edgetune's loop builds)",
                          "llm": "also time the node-based predictors on LLM-size layers (default: on CUDA)"})
 def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
     from edgetune.sparse.bench.predictors import predictor_rows
@@ -47,7 +50,9 @@ def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         backends = ctx.option("backends", ["auto"])
         fused = ctx.option("fused_relu", True)
         for batch in batches if isinstance(batches, list) else [batches]:
-            for row in train_step_rows(density, widths, batch=int(batch), repeats=5 if ctx.quick else 20,
+            for row in train_step_rows(density, widths, batch=int(batch), repeats=2 if ctx.quick else 8,
+                                       warmup=1 if ctx.quick else 2, block=int(ctx.option("block", 5)),
+                                       fused_adam=ctx.option("fused_adam", False) not in (False, "false", "0", 0),
                                        device=ctx.device, threads=ctx.option("threads", 2), seed=ctx.seed,
                                        backends=backends if isinstance(backends, list) else [backends],
                                        fused_relu=fused not in (False, "false", "0", 0)):
