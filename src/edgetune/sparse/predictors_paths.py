@@ -208,11 +208,12 @@ def _corrections(
         factor, at_multi = None, lc_factor(side.count[multi], degree[nodes[multi]], model)
     delta = at_multi - base[nodes[multi]]
     keep = multi[delta != 0]
-    return factor, keep, _csr_sorted(side.rows[keep], side.cols[keep], delta[delta != 0], side.csr.shape)
+    return factor, keep, _csr_by_rows(side.rows[keep], side.cols[keep], delta[delta != 0], side.csr.shape)
 
 
-def _csr_sorted(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    """CSR from entries already in row-major order (rows non-decreasing, columns sorted within a row)."""
+def _csr_by_rows(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """CSR from entries already grouped by row (rows non-decreasing; columns in any order within a row, as
+    scipy's products leave them): no sort, unlike building from coordinates."""
     indptr = np.zeros(shape[0] + 1, dtype=cols.dtype)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
     return sp.csr_matrix((values, cols, indptr), shape=shape)
