@@ -39,7 +39,7 @@ class ScheduleConfig(Config):
     end_fraction: the fraction of training (after warm-up) at which cosine/linear reach their end value and
         stay there (1.0: at the last step). The official CHT/CHTs MLP code decays to 1% at 90% of training.
     per_epoch: the factor changes only at the start of an epoch, from the epoch's index (what a PyTorch
-        scheduler stepped once an epoch does), instead of at every optimizer step.
+        scheduler stepped once an epoch does), instead of at every optimizer step (warm-up stays per step).
     """
 
     name: Literal["constant", "cosine", "linear", "step"] = "cosine"
@@ -56,6 +56,13 @@ class ScheduleConfig(Config):
         if any(not 0 < m < 1 for m in v) or v != sorted(v):
             raise ValueError("milestones must be increasing fractions of training in (0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _end_fraction(self) -> ScheduleConfig:
+        if self.end_fraction < 1 and self.name not in ("cosine", "linear"):
+            raise ValueError(f"end_fraction={self.end_fraction} applies to the cosine and linear schedules, not "
+                             f"{self.name!r}; remove it, or use name: linear / cosine")
+        return self
 
 
 class CheckpointConfig(Config):

@@ -219,6 +219,8 @@ def test_per_epoch_linear_schedule_equals_torch_linearlr_stepped_each_epoch():
     assert lr_factor(90, 100, lin) == pytest.approx(0.01) and lr_factor(99, 100, lin) == pytest.approx(0.01)
     # without steps_per_epoch the per-epoch flag cannot apply: per step
     assert lr_factor(45, 100, sched) == pytest.approx(0.01 + 0.99 * 0.5)
+    with pytest.raises(ConfigError, match="end_fraction=0.9 applies to the cosine and linear"):
+        validate(ScheduleConfig, {"name": "step", "end_fraction": 0.9})
 
 
 def test_bad_train_configs_are_config_errors():
