@@ -7,8 +7,9 @@ ReLU themselves (``activation="relu"``, fused by the native kernels; ``--unfused
 layout (``transposed_output``). One train step = forward,
 cross-entropy, backward, Adam step: torch's default Adam (what edgetune's training loop builds), or with
 ``fused_adam`` torch's fused Adam for both models (the default one spends ~9 ms a step on the dense model's
-24.7 M parameters at 2 threads, the fused one ~2.5 ms; ~0.4 vs ~0.1 ms on the sparse model's 82 k). Each step takes the next of 8 random batches (one batch repeated is memorised, and its vanishing
-gradients slow the dense matmuls with denormal floats). Dense and sparse are measured side by side in one
+24.7 M parameters at 2 threads, the fused one ~2.5 ms; ~0.4 vs ~0.1 ms on the sparse model's 82 k). Each
+step takes the next of 8 random batches: one batch repeated for a few hundred steps gets memorised, and the
+dense step then ran 4-5x slower in trials (vanishing gradients; denormal floats, most likely). Dense and sparse are measured side by side in one
 process, in alternating blocks of ``block`` consecutive steps (as training runs them: a step that follows the
 other model's step finds the caches full of that model's 100 MB of state); the time is the median step
 after warm-up. Memory = bytes of parameters + gradients + optimizer state (+ the sparse topology's index
