@@ -35,7 +35,7 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig, steps_per_epoch: int |
         done, span = step // steps_per_epoch, max(1, math.ceil(total / steps_per_epoch))
     else:
         done, span = step - cfg.warmup_steps, max(1, total - cfg.warmup_steps)
-    if cfg.name in ("cosine", "linear") and cfg.end_fraction < 1:
+    if cfg.end_fraction < 1:  # cosine and linear only (the config refuses it on the others)
         span = max(1, int(span * cfg.end_fraction)) if by_epoch else max(1.0, span * cfg.end_fraction)
     t = min(1.0, done / span)
     if cfg.name == "constant":

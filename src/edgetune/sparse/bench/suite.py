@@ -48,12 +48,16 @@ def _sparse_suite(ctx: BenchContext) -> Iterable[dict[str, Any]]:
         batches = ctx.option("batches", [32] if ctx.quick else [32, 128, 1024])
         widths = (256, 256, 256) if ctx.quick else (1568, 1568, 1568)
         backends = ctx.option("backends", ["auto"])
-        fused = ctx.option("fused_relu", True)
         for batch in batches if isinstance(batches, list) else [batches]:
             for row in train_step_rows(density, widths, batch=int(batch), repeats=2 if ctx.quick else 8,
                                        warmup=1 if ctx.quick else 2, block=int(ctx.option("block", 5)),
-                                       fused_adam=ctx.option("fused_adam", False) not in (False, "false", "0", 0),
+                                       fused_adam=_flag(ctx, "fused_adam", False),
                                        device=ctx.device, threads=ctx.option("threads", 2), seed=ctx.seed,
                                        backends=backends if isinstance(backends, list) else [backends],
-                                       fused_relu=fused not in (False, "false", "0", 0)):
+                                       fused_relu=_flag(ctx, "fused_relu", True)):
                 yield {"part": "train", "torch_threads": ctx.option("threads", 2), **row}
+
+
+def _flag(ctx: BenchContext, name: str, default: bool) -> bool:
+    """A yes/no option (YAML booleans from the command line; "false" / "0" / 0 given otherwise read as no)."""
+    return ctx.option(name, default) not in (False, "false", "0", 0)
