@@ -60,6 +60,10 @@ class SparseConfig(Config):
         links go to the regrowth budget. percolation_refund: false regrows only what the removal rule
         (and density decay) cut plus the schedule's growth, not what percolation cut (the official EM_S
         scheduler's fixed regrowth), so a percolating run can end below its density.
+    regrown_removed: a link the update removed (by the removal rule or percolation) and regrew:
+        ``reset`` starts it at 0 with zero optimizer state, like a link new to the layer; ``keep`` gives it
+        back its weight and optimizer state (the official CHT and rigl-torch schedulers, which zero only
+        the links absent before the update).
     skip_step_on_update: skip the optimizer step on update iterations (as the CHT and RigL code do).
     early_stop_overlap: freeze a layer once the overlap of its removed and regrown links exceeds it.
     initial_density / decay_steepness: gradual density decay (CHTss sigmoid) from initial_density to
@@ -94,6 +98,7 @@ class SparseConfig(Config):
     temperature: tuple[float, float] | None = None
     percolation: bool | None = None
     percolation_refund: bool = True
+    regrown_removed: Literal["reset", "keep"] = "reset"
     skip_step_on_update: bool | None = None
     early_stop_overlap: float | None = Field(default=None, gt=0, le=1)
     initial_density: float | None = Field(default=None, gt=0, le=1)

@@ -289,10 +289,12 @@ class SparseEngine(Callback):
             self.frozen[i] = True
             log.info("sparse: %s frozen at step %d (removed/regrown overlap %.3f)", u.name, step, overlap)
         idx = final.nonzero().t()  # (2, nnz) row-major
-        # survivors keep their weight and optimizer state; regrown links (even ones removed in this very
-        # update) start at 0 with zero state
-        vals = u.weight[final] * mask[final]
-        u.layer.set_topology(idx, vals, optimizer, fresh=new[final])
+        # survivors keep their weight and optimizer state; regrown links start at 0 with zero state, and so
+        # do links removed in this very update unless regrown_removed=keep gives them theirs back
+        if self.cfg.regrown_removed == "keep":
+            u.layer.set_topology(idx, u.weight[final] * u.old[final], optimizer)
+        else:
+            u.layer.set_topology(idx, u.weight[final] * mask[final], optimizer, fresh=new[final])
         return int(removed.sum()), int(new.sum()), overlap
 
     @torch.no_grad()

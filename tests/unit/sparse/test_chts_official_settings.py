@@ -139,3 +139,59 @@ def test_without_refund_the_regrowth_is_fixed_and_percolated_links_are_lost():
     # d + extra = 35%), without it they are lost
     assert refunded[0] == [link_count(40, 20, 0.35), link_count(40, 40, 0.35), link_count(40, 40, 0.35)]
     assert sum(counts[0]) < sum(refunded[0])
+
+
+def _dense(layer, v: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(layer.out_features, layer.in_features)
+    out[layer.indices[0], layer.indices[1]] = v.detach()
+    return out
+
+
+def _one_update(mode: str):
+    """A 3-step-trained EM_S MLP (momentum on every link) before and after one update in ``mode``."""
+    c = SparseConfig(method="chts", density=0.05, density_schedule="em_s", removal="magnitude", update_interval=2,
+                     update_unit="steps", seed=0, regrown_removed=mode,
+                     density_schedule_options={"extra": 0.3, "late_extra": 0.2})
+    torch.manual_seed(0)
+    model = sparsify_(MLP(20, 5, [40, 40], "relu", False, 0.0), c)
+    engine = SparseEngine(model, c)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine.on_fit_start(TrainState(model=model, optimizer=opt, device=torch.device("cpu"), total_steps=40,
+                                   steps_per_epoch=40))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        opt.zero_grad()
+        x, y = torch.randn(8, 20, generator=g), torch.randint(0, 5, (8,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    layers = [lay for _, lay in sparse_layers(model)]
+
+    def snap():
+        return [(lay.mask(), _dense(lay, lay.values), _dense(lay, opt.state[lay.values]["momentum_buffer"]))
+                for lay in layers]
+
+    before = snap()
+    engine.update(2, opt)
+    return before, snap()
+
+
+def test_regrown_removed_links_keep_or_reset_weight_and_momentum():
+    before, reset = _one_update("reset")
+    before_k, keep = _one_update("keep")
+    readded = 0
+    for (old, w0, m0), (new, wr, mr), (old_k, w0k, _), (new_k, wk, mk) in zip(before, reset, before_k, keep):
+        # the same topology either way; only the values of the links differ
+        assert torch.equal(old, old_k) and torch.equal(new, new_k) and torch.equal(w0, w0k)
+        fresh = new & ~old  # links new to the layer: 0 with zero momentum in both modes
+        for w, m in ((wr, mr), (wk, mk)):
+            assert float(w[fresh].abs().sum()) == 0.0 and float(m[fresh].abs().sum()) == 0.0
+        both = new & old
+        # keep: every link that was there before keeps its weight and momentum
+        assert torch.equal(wk[both], w0[both]) and torch.equal(mk[both], m0[both])
+        # reset: survivors the same, links removed and regrown in this update start at 0 with zero momentum
+        readd = both & (wr != w0)
+        assert float(wr[readd].abs().sum()) == 0.0 and float(mr[readd].abs().sum()) == 0.0
+        assert torch.equal(mr[both & ~readd], m0[both & ~readd])
+        readded += int(readd.sum())
+    # EM_S cuts to 5% by magnitude and regrows to 35% by CH scores: some removed links come back
+    assert readded > 0
