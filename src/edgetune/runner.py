@@ -181,7 +181,8 @@ def _prepare(cfg: RunConfig, device: torch.device, stages: dict[str, Any] | None
     train_transform)``; the last is None unless ``data.augment`` adds train-only augmentation (checked here,
     before any model is built)."""
     bundle = load_dataset(cfg.data)
-    augment = build_augment(cfg.data.augment, bundle.input_shape)  # refuses a non-image dataset early
+    black = bundle.normalization.black if bundle.normalization is not None else None  # pad as black
+    augment = build_augment(cfg.data.augment, bundle.input_shape, black)  # refuses a non-image dataset early
     log.info("[%s] data: %s (%d train, %d test) from %s", stage, bundle.name, len(bundle.train), len(bundle.test),
              bundle.source)
     spec = ModelSpec(input_shape=bundle.input_shape, num_classes=bundle.num_classes, task=bundle.task)

@@ -3,7 +3,8 @@
 The standard CIFAR recipe (He et al. 2016, "Deep residual learning", section 4.2; used by the few-shot
 class-incremental CIFAR-100 protocol): pad 4 pixels on each side, take a random 32x32 crop, flip left-right with
 probability 0.5. :class:`CropFlip` does both in one gather over a ``(B, C, H, W)`` batch, after the pixels are
-converted to float and before a model's own normalization (so padding is black, as torchvision pads a PIL image).
+converted to float and before a model's own normalization (so padding is black, as torchvision pads a PIL image);
+after ``data.normalize`` it pads with normalised black, ``-mean / std`` per channel, to the same effect.
 
 The offsets and flips are drawn from torch's global CPU generator, whose state the training checkpoints keep: a
 resumed run draws the very same crops. Validation and test batches are never augmented.
@@ -42,12 +43,14 @@ class CropFlip:
     """Random crop (zero padding ``padding``) and optional horizontal flip of a list batch's images ``(B, C, H, W)``
     or a dict batch's ``key`` column; other columns pass through."""
 
-    def __init__(self, padding: int = 4, hflip: bool = True, key: str = "pixel_values") -> None:
+    def __init__(self, padding: int = 4, hflip: bool = True, key: str = "pixel_values",
+                 fill: Tensor | None = None) -> None:
         if padding < 0:
             raise ConfigError(f"crop padding must be >= 0, got {padding}")
         self.padding = int(padding)
         self.hflip = bool(hflip)
         self.key = key
+        self.fill = fill
 
     def _apply(self, x: Tensor) -> Tensor:
         if x.dim() != 4:
@@ -62,7 +65,12 @@ class CropFlip:
         cols = torch.arange(w)
         cols = torch.where(flip[:, None], cols.flip(0)[None, :], cols[None, :]) + dx[:, None]  # (B, W)
         rows = torch.arange(h)[None, :] + dy[:, None]  # (B, H)
-        padded = torch.nn.functional.pad(x, (p, p, p, p)) if p else x  # (B, C, H+2p, W+2p)
+        if p and self.fill is not None:  # per-channel padding value (normalised black)
+            fill = self.fill.to(x.device, x.dtype).view(1, -1, 1, 1)
+            padded = fill.expand(b, x.shape[1], h + 2 * p, w + 2 * p).clone()
+            padded[:, :, p:p + h, p:p + w] = x
+        else:
+            padded = torch.nn.functional.pad(x, (p, p, p, p)) if p else x  # (B, C, H+2p, W+2p)
         dev = x.device
         bi = torch.arange(b, device=dev)[:, None, None]
         out = padded[bi, :, rows.to(dev)[:, :, None], cols.to(dev)[:, None, :]]  # (B, H, W, C)
@@ -79,8 +87,9 @@ class CropFlip:
         return f"CropFlip(padding={self.padding}, hflip={self.hflip})"
 
 
-def build_augment(cfg: AugmentConfig | None, input_shape: tuple[int, ...]) -> CropFlip | None:
-    """The train-only transform for ``data.augment`` on a dataset whose examples have ``input_shape``."""
+def build_augment(cfg: AugmentConfig | None, input_shape: tuple[int, ...], fill: Tensor | None = None) -> CropFlip | None:
+    """The train-only transform for ``data.augment`` on a dataset whose examples have ``input_shape``;
+    ``fill`` ``(C,)``: the padding value per channel (the bundle's normalised black), zeros when None."""
     if cfg is None or not cfg.active:
         return None
     if len(input_shape) != 3:
@@ -90,4 +99,4 @@ def build_augment(cfg: AugmentConfig | None, input_shape: tuple[int, ...]) -> Cr
     if cfg.crop_padding >= min(h, w):
         raise ConfigError(f"data.augment.crop_padding={cfg.crop_padding} is not smaller than the images "
                           f"({h}x{w}); CIFAR's standard is 4.")
-    return CropFlip(cfg.crop_padding, cfg.hflip)
+    return CropFlip(cfg.crop_padding, cfg.hflip, fill=fill)

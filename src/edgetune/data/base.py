@@ -26,9 +26,11 @@ from edgetune.core.errors import DataError
 from edgetune.core.registry import Registry
 from edgetune.data.augment import AugmentConfig
 from edgetune.data.batches import BatchTransform, DictDataset
+from edgetune.data.normalize import NormalizeConfig, normalize_bundle
 
 if TYPE_CHECKING:
     from edgetune.data.text_classification import TextDataset
+    from edgetune.data.transforms import Normalize
 
 __all__ = ["DATASETS", "DataBundle", "DataConfig", "load_dataset", "loader_options", "parse_classes", "register_dataset"]
 
@@ -81,6 +83,10 @@ class DataConfig(Config):
     options: loader-specific options, validated by that loader.
     augment: train-only augmentation of image batches (:class:`~edgetune.data.augment.AugmentConfig`: random
         crop with zero padding, horizontal flip), e.g. ``{crop_padding: 4, hflip: true}`` for CIFAR.
+    normalize: per-channel standardisation of image inputs after their conversion to floats:
+        ``{mean: [0.2860], std: [0.3530]}`` (one value per channel, or one for all), or ``train`` for the
+        training split's own per-channel statistics (:mod:`edgetune.data.normalize`). None: inputs as the
+        dataset gives them (images in [0, 1]).
     """
 
     name: str = "fashion-mnist"
@@ -93,6 +99,7 @@ class DataConfig(Config):
     classes: list[int] | str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     augment: AugmentConfig | None = None
+    normalize: NormalizeConfig | Literal["train"] | None = None
 
     @field_validator("classes")
     @classmethod
@@ -112,6 +119,8 @@ class DataBundle:
         test batch, e.g. :class:`~edgetune.data.transforms.ToFloat` for uint8 images ``(B, C, H, W)``.
     token_vocab_size: for tokenized text classification, the tokenizer's vocabulary size (what an
         embedding layer needs); None otherwise.
+    normalization: the ``data.normalize`` step, already the last step of ``transform`` (kept so that
+        train-only augmentation can pad with its normalised black); None without ``data.normalize``.
     """
 
     name: str
@@ -126,6 +135,7 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)
     transform: BatchTransform | None = None
     token_vocab_size: int | None = None
+    normalization: Normalize | None = None
 
     @property
     def vocab_size(self) -> int | None:
@@ -155,8 +165,13 @@ def load_dataset(cfg: DataConfig) -> DataBundle:
     The fallback applies to :class:`~edgetune.data.locate.DatasetNotInstalled` alone (see
     :mod:`edgetune.data.locate`): a ``data.path`` or ``$EDGETUNE_DATA`` copy that is wrong, and files that
     are present but truncated or mismatched, raise :class:`DataError` whatever ``fallback`` says. The
-    bundle's ``notes`` start with a sentence saying the fallback was used.
+    bundle's ``notes`` start with a sentence saying the fallback was used. ``cfg.normalize`` applies to
+    whichever dataset loads.
     """
+    return normalize_bundle(_load(cfg), cfg.normalize)
+
+
+def _load(cfg: DataConfig) -> DataBundle:
     from edgetune.data import _loaders  # noqa: F401  (registers the built-in loaders)
     from edgetune.data.locate import DatasetNotInstalled
 
@@ -178,7 +193,7 @@ def load_dataset(cfg: DataConfig) -> DataBundle:
             f"results are for {cfg.fallback!r}, not {cfg.name!r}. ({err})"
         )
         log.warning(note)
-        bundle = load_dataset(
+        bundle = _load(
             cfg.model_copy(update={"name": cfg.fallback, "fallback": None, "path": None, "options": {}})
         )
         bundle.notes.insert(0, note)

@@ -5,6 +5,8 @@ stay compact in memory (uint8 pixels, padded token ids) and the conversion runs 
 
 - :class:`ToFloat`: uint8 (or other integer) images ``(B, C, H, W)`` -> float32 divided by ``divisor``
   (``255`` gives [0, 1]); float input passes through unchanged, so applying it twice is harmless.
+- :class:`Normalize`: float images ``(B, C, H, W)`` -> ``(x - mean[c]) / std[c]`` per channel (``data.normalize``,
+  after :class:`ToFloat`, as torchvision's ``Normalize`` after ``ToTensor``).
 - :class:`TrimPadding`: cuts the padded token columns of a dict batch ``(B, T) -> (B, T')`` to the span
   its attention mask actually uses, so a batch of short texts runs as short sequences.
 """
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from edgetune.data.batches import Batch
 
-__all__ = ["ToFloat", "TrimPadding"]
+__all__ = ["Normalize", "ToFloat", "TrimPadding"]
 
 
 class ToFloat:
@@ -50,6 +52,49 @@ class ToFloat:
 
     def __repr__(self) -> str:
         return f"ToFloat(divisor={self.divisor:g}, key={self.key!r})"
+
+
+class Normalize:
+    """Float images ``(B, C, H, W)`` to ``(x - mean[c]) / std[c]``: a list batch's first tensor, or a dict
+    batch's ``key``. ``mean`` and ``std`` hold one value per channel, or one value for every channel.
+
+    ``black`` is what a zero pixel becomes, ``-mean / std`` per channel ``(C,)``: augmentation that runs after
+    this transform pads with it, so padding stays black as when it runs before.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], key: str = "pixel_values") -> None:
+        if len(mean) == 0 or len(mean) != len(std):
+            raise ValueError(f"Normalize needs as many stds as means (one or more), got {len(mean)} and {len(std)}")
+        if any(not s > 0 for s in std):
+            raise ValueError(f"Normalize std must be positive, got {list(std)}")
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32)
+        self.std = torch.tensor([float(s) for s in std], dtype=torch.float32)
+        self.key = key
+
+    @property
+    def black(self) -> Tensor:
+        return -self.mean / self.std
+
+    def _apply(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"Normalize works on float image batches (B, C, H, W); got {x.dtype} {tuple(x.shape)}")
+        c = x.shape[1]
+        if len(self.mean) not in (1, c):
+            raise ValueError(f"Normalize has {len(self.mean)} values per statistic for {c}-channel images")
+        shape = (1, -1, 1, 1)
+        mean = self.mean.to(x.device, x.dtype).view(shape)
+        std = self.std.to(x.device, x.dtype).view(shape)
+        return (x - mean) / std
+
+    def __call__(self, batch: Batch) -> Batch:
+        if isinstance(batch, dict):
+            if self.key not in batch:
+                return batch
+            return {**batch, self.key: self._apply(batch[self.key])}
+        return [self._apply(batch[0]), *batch[1:]]
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean.tolist()}, std={self.std.tolist()})"
 
 
 class TrimPadding:
