@@ -18,7 +18,7 @@ from torch import Tensor
 
 from edgetune.core.config import Config
 from edgetune.core.errors import ConfigError
-from edgetune.data.batches import Batch
+from edgetune.data.batches import Batch, map_images
 
 __all__ = ["AugmentConfig", "CropFlip", "build_augment"]
 
@@ -77,11 +77,7 @@ class CropFlip:
         return out.permute(0, 3, 1, 2).contiguous()
 
     def __call__(self, batch: Batch) -> Batch:
-        if isinstance(batch, dict):
-            if self.key not in batch:
-                return batch
-            return {**batch, self.key: self._apply(batch[self.key])}
-        return [self._apply(batch[0]), *batch[1:]]
+        return map_images(batch, self.key, self._apply)
 
     def __repr__(self) -> str:
         return f"CropFlip(padding={self.padding}, hflip={self.hflip})"

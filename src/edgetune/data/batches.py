@@ -29,6 +29,7 @@ __all__ = [
     "batch_size_of",
     "batch_target",
     "compose",
+    "map_images",
     "split_len",
     "take",
     "to_device",
@@ -100,6 +101,15 @@ def batch_inputs(batch: Batch) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
 
 def batch_size_of(batch: Batch) -> int:
     return len(batch_target(batch))
+
+
+def map_images(batch: Batch, key: str, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """``fn`` applied to a list batch's first tensor or to a dict batch's ``key`` column (absent: unchanged)."""
+    if isinstance(batch, dict):
+        if key not in batch:
+            return batch
+        return {**batch, key: fn(batch[key])}
+    return [fn(batch[0]), *batch[1:]]
 
 
 def compose(*transforms: BatchTransform | None) -> BatchTransform | None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from edgetune.data.batches import Batch
+from edgetune.data.batches import Batch, map_images
 
 __all__ = ["Normalize", "ToFloat", "TrimPadding"]
 
@@ -44,11 +44,7 @@ class ToFloat:
         return x.to(torch.float32).div_(self.divisor)
 
     def __call__(self, batch: Batch) -> Batch:
-        if isinstance(batch, dict):
-            if self.key not in batch:
-                return batch
-            return {**batch, self.key: self._convert(batch[self.key])}
-        return [self._convert(batch[0]), *batch[1:]]
+        return map_images(batch, self.key, self._convert)
 
     def __repr__(self) -> str:
         return f"ToFloat(divisor={self.divisor:g}, key={self.key!r})"
@@ -87,11 +83,7 @@ class Normalize:
         return (x - mean) / std
 
     def __call__(self, batch: Batch) -> Batch:
-        if isinstance(batch, dict):
-            if self.key not in batch:
-                return batch
-            return {**batch, self.key: self._apply(batch[self.key])}
-        return [self._apply(batch[0]), *batch[1:]]
+        return map_images(batch, self.key, self._apply)
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean.tolist()}, std={self.std.tolist()})"
