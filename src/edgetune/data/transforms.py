@@ -59,10 +59,13 @@ class Normalize:
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], key: str = "pixel_values") -> None:
-        if len(mean) == 0 or len(mean) != len(std):
-            raise ValueError(f"Normalize needs as many stds as means (one or more), got {len(mean)} and {len(std)}")
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} values and std {len(std)}; give one of each per channel (or "
+                             "one of each for every channel)")
+        if len(mean) == 0:
+            raise ValueError("Normalize needs at least one mean and one std")
         if any(not s > 0 for s in std):
-            raise ValueError(f"Normalize std must be positive, got {list(std)}")
+            raise ValueError(f"std must be positive, got {list(std)}")
         self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32)
         self.std = torch.tensor([float(s) for s in std], dtype=torch.float32)
         self.key = key
