@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Side by side: the official CHTs MLP code and ``sparse/fmnist-mlp-1pct-official``, same machine (issue 16).
+
+The official code (``biomedical-cybernetics/Cannistraci-Hebb-training``, ``mlp_and_cnn/run.py``) is run unchanged
+on the CPU with its README's CHTs command on Fashion-MNIST; only its environment is adapted: ``torch.cuda``
+device calls become no-ops and the device is ``cpu``; ``wandb`` (disabled by ``--no_log`` anyway), ``pandas``
+(HIGGS loader only) and ``torchvision`` (FashionMNIST from the local IDX files, ``ToTensor``, ``Normalize``,
+``Compose``, with torchvision's numerics) are small stand-ins written to the work folder; ``CH_scores`` is the
+C++ extension built from the repository's sources by ``edgetune.sparse.bench.official_cht.load_official``.
+Its per-epoch test accuracy is read from its log. edgetune's side is the bench suite with the official
+per-epoch learning rate, so both decay the learning rate the same way::
+
+    # 1. the official code, one seed per call (about 2 min an epoch on one core)
+    .venv/bin/python scripts/compare_official_cht.py official --src /path/to/Cannistraci-Hebb-training \\
+        --epochs 20 --seed 0 --work /tmp/cht-official
+    # 2. edgetune, the same epochs and seeds
+    .venv/bin/edgetune bench sparse-quality recipe=sparse/fmnist-mlp-1pct-official "methods=[chts]" \\
+        "seeds=[0,1,2]" epochs=20 "set=[train.schedule.per_epoch=true,train.schedule.end_fraction=0.9]" \\
+        --work-dir /tmp/cht-edgetune --out /tmp/cht-edgetune.csv
+    # 3. the comparison: per-epoch CSV, markdown table and curves
+    .venv/bin/python scripts/compare_official_cht.py report --official /tmp/cht-official \\
+        --edgetune /tmp/cht-edgetune --out bench/results/sparse-official-side-by-side
+
+The official code is NOT part of edgetune; nothing in the library or the tests imports this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README_CHTS = [  # the README's "CHTs on EMNIST-MLP" command, dataset Fashion_MNIST
+    "--batch_size", "32", "--dataset", "Fashion_MNIST", "--network_structure", "mlp", "--weight_decay", "5e-04",
+    "--regrow_method", "CH3_L3p_soft", "--init_mode", "swi", "--linearlr", "--learning_rate", "0.025",
+    "--cuda_device", "0", "--dim", "2", "--update_interval", "1", "--self_correlated_sparse", "--no_log",
+    "--chain_removal", "--zeta", "0.3", "--remove_method", "weight_magnitude", "--sparsity", "0.99",
+    "--dst_scheduler", "--EM_S",
+]  # fmt: skip
+
+SHIMS = {
+    "wandb.py": '''"""Stand-in for wandb: the official script logs with mode='disabled' under --no_log."""
+class _Run:
+    def log(self, *a, **k): pass
+    def finish(self, *a, **k): pass
+def init(*a, **k): return _Run()
+def log(*a, **k): pass
+''',
+    "pandas.py": '"""Stand-in: only the official HIGGS loader uses pandas."""\n',
+    "torchvision/__init__.py": '''"""Stand-in for the part of torchvision the official MLP code uses."""
+from . import datasets, transforms  # noqa: F401
+''',
+    "torchvision/transforms.py": """import torch
+class Compose:
+    def __init__(self, ts): self.ts = ts
+    def __call__(self, x):
+        for t in self.ts: x = t(x)
+        return x
+class ToTensor:  # uint8 (H, W) -> float32 (1, H, W) in [0, 1], as torchvision does for a PIL 'L' image
+    def __call__(self, x): return x.to(torch.float32).div(255).unsqueeze(0)
+class Normalize:
+    def __init__(self, mean, std): self.mean, self.std = float(mean[0]), float(std[0])
+    def __call__(self, x): return (x - self.mean) / self.std
+""",
+    "torchvision/datasets.py": """import gzip, os
+import numpy as np
+import torch
+def _idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    nd = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd).reshape(dims).copy())
+class FashionMNIST(torch.utils.data.Dataset):
+    def __init__(self, root=None, train=True, transform=None, download=False, **_):
+        d, p = os.environ["CHT_FMNIST_DIR"], "train" if train else "t10k"
+        self.data = _idx(os.path.join(d, f"{p}-images-idx3-ubyte.gz"))
+        self.targets = _idx(os.path.join(d, f"{p}-labels-idx1-ubyte.gz")).long()
+        self.transform = transform
+    def __len__(self): return len(self.targets)
+    def __getitem__(self, i):
+        x = self.data[i]
+        return (self.transform(x) if self.transform is not None else x), int(self.targets[i])
+""",
+}
+
+CHILD = """import os, sys, time
+official, threads, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+import torch
+torch.set_num_threads(threads)
+torch.cuda.set_device = lambda *a, **k: None
+sys.path[:0] = [official]
+import run  # the official script
+sys.argv = ["run.py", *rest]
+a = run.args()
+t0 = time.time()
+run.train_model(a.seed, "cpu", a)
+print(f"wall_time_s {time.time() - t0:.1f}")
+"""
+
+
+def _official(args: argparse.Namespace) -> None:
+    from edgetune.sparse.bench.official_cht import load_official
+
+    src = Path(args.src).expanduser().resolve()
+    data = Path(args.data).expanduser().resolve()
+    need = [f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+    if missing := [n for n in need if not (data / n).is_file()]:
+        raise SystemExit(f"--data {data} lacks {', '.join(missing)}: point it at the Fashion-MNIST IDX files")
+    ext = Path(load_official(src).__file__).parent
+    work = Path(args.work).expanduser().resolve()
+    shims = work / "shims"
+    for name, text in SHIMS.items():
+        (shims / name).parent.mkdir(parents=True, exist_ok=True)
+        (shims / name).write_text(text)
+    (shims / "cht_child.py").write_text(CHILD)
+    run_dir = work / f"e{args.epochs}-s{args.seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        CHT_FMNIST_DIR=str(data),
+        PYTHONPATH=os.pathsep.join([str(shims), str(ext)]),
+    )
+    cmd = [
+        sys.executable,
+        str(shims / "cht_child.py"),
+        str(src / "mlp_and_cnn"),
+        str(args.threads),
+        *README_CHTS,
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+    ]
+    print("running:", " ".join(cmd), "\nlog:", run_dir / "log.txt", flush=True)
+    with open(run_dir / "log.txt", "w") as log:
+        done = subprocess.run(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    accs = official_accuracies(run_dir / "log.txt")
+    print(f"exit {done.returncode}; {len(accs)} epochs; last test accuracy {accs[-1] if accs else 'none'}")
+
+
+def official_accuracies(log: Path) -> list[float]:
+    """Per-epoch test accuracy (fraction) from an official run's log (its ``Prec@1`` lines, percent)."""
+    text = log.read_text(errors="replace")
+    return [float(m) / 100 for m in re.findall(r"Prec@1 ([0-9.]+)", text)]
+
+
+def _edgetune_runs(folder: Path) -> dict[int, list[float]]:
+    runs: dict[int, list[float]] = {}
+    for f in sorted(folder.glob("*/metrics.jsonl")):
+        seed = int(re.search(r"-s(\d+)", f.parent.name).group(1))  # type: ignore[union-attr]
+        rows = [json.loads(line) for line in f.open()]
+        runs[seed] = [r["acc"] for r in rows if r.get("kind") == "eval"]
+    return runs
+
+
+def _stats(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return f"{m:.4f} ± {sd:.4f}"
+
+
+def _report(args: argparse.Namespace) -> None:
+    official = {
+        int(re.search(r"-s(\d+)$", d.name).group(1)): official_accuracies(d / "log.txt")  # type: ignore[union-attr]
+        for d in sorted(Path(args.official).glob("e*-s*"))
+        if (d / "log.txt").exists()
+    }
+    sides = {"official": official, "edgetune": _edgetune_runs(Path(args.edgetune))}
+    epochs = {len(a) for runs in sides.values() for a in runs.values()}
+    if len(epochs) != 1:
+        raise SystemExit(
+            f"runs of unequal length (epochs {sorted(epochs)}); finish or remove the partial ones"
+        )
+    n = epochs.pop()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["code", "seed", "epoch", "test_acc"])
+        for code, runs in sides.items():
+            for seed, accs in sorted(runs.items()):
+                w.writerows([code, seed, e + 1, a] for e, a in enumerate(accs))
+    late = [
+        e for e in range(n) if e > 0.75 * n
+    ]  # the official script's rule for its best model (0-based epochs)
+    lines = [
+        f"# CHTs, official code vs edgetune, Fashion-MNIST, {n} epochs, 1% density",
+        "",
+        (
+            "Made by `scripts/compare_official_cht.py` (its docstring has the commands); per-epoch accuracies in "
+            "the CSV beside this file."
+        ),
+        "",
+        "| code | seeds | last epoch | best epoch after 75% | mean over all epochs |",
+        "|---|---|---|---|---|",
+    ]
+    for code, runs in sides.items():
+        accs = [runs[s] for s in sorted(runs)]
+        lines.append(
+            f"| {code} | {', '.join(map(str, sorted(runs)))} | {_stats([a[-1] for a in accs])} | "
+            f"{_stats([max(a[e] for e in late) for a in accs])} | {_stats([sum(a) / n for a in accs])} |"
+        )
+    common = sorted(set(official) & set(sides["edgetune"]))
+    diffs = [sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)]
+    lines += [
+        "",
+        "edgetune minus official, mean over the seeds, epoch by epoch: "
+        + ", ".join(f"{d * 100:+.2f}" for d in diffs)
+        + " points.",
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(sides, n, out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def _plot(sides: dict[str, dict[int, list[float]]], n: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (code, runs), colour in zip(sides.items(), ("tab:orange", "tab:blue")):
+        for i, (seed, accs) in enumerate(sorted(runs.items())):
+            ax.plot(
+                range(1, n + 1),
+                accs,
+                color=colour,
+                alpha=0.8,
+                lw=1,
+                label=code if i == 0 else None,
+                ls=("-", "--", ":")[i % 3],
+            )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.8, 0.92)
+    ax.set_title("CHTs 1% (Fashion-MNIST MLP): official code vs edgetune, one line a seed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("official", help="run the official code's CHTs command for one seed")
+    o.add_argument(
+        "--src", required=True, help="checkout of Cannistraci-Hebb-training (holds setup.py, mlp_and_cnn/)"
+    )
+    o.add_argument("--epochs", type=int, default=20)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--threads", type=int, default=1, help="torch and OpenMP threads")
+    o.add_argument("--work", default="/tmp/cht-official")
+    o.add_argument(
+        "--data", default="/usr/share/datasets/fashion-mnist", help="folder of the Fashion-MNIST IDX files"
+    )
+    r = sub.add_parser("report", help="compare finished runs of both codes")
+    r.add_argument("--official", default="/tmp/cht-official")
+    r.add_argument("--edgetune", default="/tmp/cht-edgetune", help="the bench suite's --work-dir")
+    r.add_argument("--out", default="bench/results/sparse-official-side-by-side")
+    a = p.parse_args()
+    _official(a) if a.cmd == "official" else _report(a)
+
+
+if __name__ == "__main__":
+    main()
