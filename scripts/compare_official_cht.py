@@ -156,7 +156,7 @@ def _edgetune_runs(folder: Path) -> dict[int, list[float]]:
     runs: dict[int, list[float]] = {}
     for f in sorted(folder.glob("*/metrics.jsonl")):
         seed = int(re.search(r"-s(\d+)", f.parent.name).group(1))  # type: ignore[union-attr]
-        rows = [json.loads(line) for line in f.open()]
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
         runs[seed] = [r["acc"] for r in rows if r.get("kind") == "eval"]
     return runs
 

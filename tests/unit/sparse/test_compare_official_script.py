@@ -1,0 +1,95 @@
+"""scripts/compare_official_cht.py: its stand-ins for torchvision read and transform as torchvision does, and its
+report reads both codes' runs and applies the official best-epoch rule."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "compare_official_cht.py"
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("compare_official_cht", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.astype(np.uint8).tobytes())
+
+
+def test_torchvision_stand_in_reads_idx_and_normalises_like_torchvision(script: ModuleType, tmp_path: Path) -> None:
+    shims = tmp_path / "shims"
+    for name, text in script.SHIMS.items():
+        (shims / name).parent.mkdir(parents=True, exist_ok=True)
+        (shims / name).write_text(text)
+    rng = np.random.default_rng(0)
+    imgs, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+    for split in ("train", "t10k"):
+        _idx(tmp_path / f"{split}-images-idx3-ubyte.gz", imgs)
+        _idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    code = (
+        "import json, sys; from torchvision import datasets, transforms as T\n"
+        "ds = datasets.FashionMNIST(root='x', train=False, download=True,"
+        " transform=T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))]))\n"
+        "x, y = ds[3]; print(json.dumps([len(ds), list(x.shape), str(x.dtype), x[0, 4, 7].item(), y]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(shims), "CHT_FMNIST_DIR": str(tmp_path), "PATH": ""})
+    n, shape, dtype, value, label = json.loads(out.stdout)
+    assert (n, shape, dtype, label) == (5, [1, 28, 28], "torch.float32", int(labels[3]))
+    expected = (np.float32(imgs[3, 4, 7]) / np.float32(255) - np.float32(0.2860)) / np.float32(0.3530)
+    assert value == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_path: Path) -> None:
+    official, edgetune = tmp_path / "official", tmp_path / "edgetune"
+    # 8 epochs: the official rule keeps the best of 0-based epochs > 6, i.e. only the last one (index 7)
+    runs = {0: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.85], 1: [0.5, 0.6, 0.7, 0.8, 0.9, 0.9, 0.9, 0.87]}
+    for seed, accs in runs.items():
+        d = official / f"e8-s{seed}"
+        d.mkdir(parents=True)
+        lines = [f"Train Epoch: {e}\nTest:\tTime 0.01\tLoss 0.5\tPrec@1 {a * 100:.3f}\tPrec@5 99.0" for e, a in
+                 enumerate(accs)]
+        (d / "log.txt").write_text("\n".join(lines) + "\n")
+        e = edgetune / f"fmnist-mlp-1pct-official-e8-chts-s{seed}-abc"
+        e.mkdir(parents=True)
+        rows = [{"kind": "train", "acc": 0.1, "epoch": i + 1} for i in range(8)]
+        rows += [{"kind": "eval", "split": "test", "acc": a + 0.01, "epoch": i + 1} for i, a in enumerate(accs)]
+        (e / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "res" / "side"
+    script._report(type("A", (), {"official": str(official), "edgetune": str(edgetune), "out": str(out)})())
+    md = out.with_suffix(".md").read_text()
+    assert "| official | 0, 1 | 0.8600 ± 0.0141 | 0.8600 ± 0.0141 |" in md
+    assert "| edgetune | 0, 1 | 0.8700 ± 0.0141 | 0.8700 ± 0.0141 |" in md
+    assert md.count("+1.00") == 8
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert rows[0] == "code,seed,epoch,test_acc" and len(rows) == 1 + 2 * 2 * 8
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_report_refuses_runs_of_unequal_length(script: ModuleType, tmp_path: Path) -> None:
+    d = tmp_path / "official" / "e8-s0"
+    d.mkdir(parents=True)
+    (d / "log.txt").write_text("Prec@1 50.0\nPrec@1 60.0\n")
+    e = tmp_path / "edgetune" / "x-e8-chts-s0"
+    e.mkdir(parents=True)
+    (e / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "acc": 0.5}) + "\n")
+    args = type("A", (), {"official": str(tmp_path / "official"), "edgetune": str(tmp_path / "edgetune"),
+                          "out": str(tmp_path / "o")})()
+    with pytest.raises(SystemExit, match="unequal length"):
+        script._report(args)
