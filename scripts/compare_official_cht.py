@@ -7,7 +7,8 @@ device calls become no-ops and the device is ``cpu``; ``wandb`` (disabled by ``-
 (HIGGS loader only) and ``torchvision`` (FashionMNIST from the local IDX files, ``ToTensor``, ``Normalize``,
 ``Compose``, with torchvision's numerics) are small stand-ins written to the work folder; ``CH_scores`` is the
 C++ extension built from the repository's sources by ``edgetune.sparse.bench.official_cht.load_official``.
-Its per-epoch test accuracy is read from its log. edgetune's side is the bench suite with the official
+A checkpoint after each epoch (model, optimizer, scheduler state, random states) lets the same command
+continue an interrupted run exactly; the per-epoch test accuracies go to ``epochs.json``. edgetune's side is the bench suite with the official
 per-epoch learning rate, so both decay the learning rate the same way::
 
     # 1. the official code, one seed per call (about 2 min an epoch on one core)
@@ -90,13 +91,53 @@ class FashionMNIST(torch.utils.data.Dataset):
 """,
 }
 
-CHILD = """import os, sys, time
+CHILD = """import json, os, random, sys, time
+import numpy as np
 official, threads, rest = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 import torch
 torch.set_num_threads(threads)
 torch.cuda.set_device = lambda *a, **k: None
 sys.path[:0] = [official]
-import run  # the official script
+import run  # the official script, run by its own train_model; Train/Test wrapped to checkpoint each epoch
+CK, EP = "checkpoint.pt", "epochs.json"
+ck = torch.load(CK, weights_only=False) if os.path.exists(CK) else None
+start = ck["next_epoch"] if ck else 0
+accs = json.load(open(EP))[:start] if ck else []
+seen = {}
+_train, _test = run.Train, run.Test
+def _save(path, obj, write):
+    write(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+def _dump(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+def Train(args, model, device, loader, optimizer, epoch, warmup, pruner=None):
+    seen.update(epoch=epoch, optimizer=optimizer, pruner=pruner)
+    if epoch < start:  # trained before the restart: the loop still steps the learning-rate scheduler
+        return
+    if epoch == start and ck is not None:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        pruner.load_state_dict(ck["pruner"])
+        torch.set_rng_state(ck["torch_rng"]); np.random.set_state(ck["np_rng"]); random.setstate(ck["py_rng"])
+        print(f"resumed before epoch {epoch}", flush=True)
+    _train(args, model, device, loader, optimizer, epoch, warmup, pruner)
+def Test(model, device, loader):
+    epoch = seen["epoch"]
+    if epoch < start:
+        return np.array(0.0), np.array(0.0), 0.0
+    top1, top5, loss = _test(model, device, loader)
+    accs.append(float(top1) / 100)
+    state = {"next_epoch": epoch + 1, "model": model.state_dict(), "optimizer": seen["optimizer"].state_dict(),
+             "pruner": seen["pruner"].state_dict(), "torch_rng": torch.get_rng_state(),
+             "np_rng": np.random.get_state(), "py_rng": random.getstate()}
+    _save(CK, state, torch.save)
+    _save(EP, accs, _dump)
+    return top1, top5, loss
+run.Train, run.Test = Train, Test
 sys.argv = ["run.py", *rest]
 a = run.args()
 t0 = time.time()
@@ -140,15 +181,18 @@ def _official(args: argparse.Namespace) -> None:
         str(args.seed),
     ]
     print("running:", " ".join(cmd), "\nlog:", run_dir / "log.txt", flush=True)
-    with open(run_dir / "log.txt", "w") as log:
+    with open(run_dir / "log.txt", "a") as log:
         done = subprocess.run(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    accs = official_accuracies(run_dir / "log.txt")
+    accs = official_accuracies(run_dir)
     print(f"exit {done.returncode}; {len(accs)} epochs; last test accuracy {accs[-1] if accs else 'none'}")
 
 
-def official_accuracies(log: Path) -> list[float]:
-    """Per-epoch test accuracy (fraction) from an official run's log (its ``Prec@1`` lines, percent)."""
-    text = log.read_text(errors="replace")
+def official_accuracies(run_dir: Path) -> list[float]:
+    """Per-epoch test accuracy (fraction) of an official run: ``epochs.json`` written after each epoch, or
+    the ``Prec@1`` lines (percent) of its log."""
+    if (run_dir / "epochs.json").exists():
+        return [float(a) for a in json.loads((run_dir / "epochs.json").read_text())]
+    text = (run_dir / "log.txt").read_text(errors="replace")
     return [float(m) / 100 for m in re.findall(r"Prec@1 ([0-9.]+)", text)]
 
 
@@ -169,7 +213,7 @@ def _stats(xs: list[float]) -> str:
 
 def _report(args: argparse.Namespace) -> None:
     official = {
-        int(re.search(r"-s(\d+)$", d.name).group(1)): official_accuracies(d / "log.txt")  # type: ignore[union-attr]
+        int(re.search(r"-s(\d+)$", d.name).group(1)): official_accuracies(d)  # type: ignore[union-attr]
         for d in sorted(Path(args.official).glob("e*-s*"))
         if (d / "log.txt").exists()
     }

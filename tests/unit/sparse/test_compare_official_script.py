@@ -1,5 +1,6 @@
 """scripts/compare_official_cht.py: its stand-ins for torchvision read and transform as torchvision does, and its
-report reads both codes' runs and applies the official best-epoch rule."""
+report reads both codes' runs (a resumed official run from its epochs.json) and applies the official best-epoch
+rule."""
 
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_p
         lines = [f"Train Epoch: {e}\nTest:\tTime 0.01\tLoss 0.5\tPrec@1 {a * 100:.3f}\tPrec@5 99.0" for e, a in
                  enumerate(accs)]
         (d / "log.txt").write_text("\n".join(lines) + "\n")
+        if seed == 1:  # a resumed run: its log repeats epochs, epochs.json holds one accuracy per trained epoch
+            (d / "log.txt").write_text("Prec@1 0.000\n" * 3 + "\n".join(lines) + "\n")
+            (d / "epochs.json").write_text(json.dumps(accs))
         e = edgetune / f"fmnist-mlp-1pct-official-e8-chts-s{seed}-abc"
         e.mkdir(parents=True)
         rows = [{"kind": "train", "acc": 0.1, "epoch": i + 1} for i in range(8)]
