@@ -37,6 +37,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 README_CHTS = [  # the README's "CHTs on EMNIST-MLP" command, dataset Fashion_MNIST
     "--batch_size", "32", "--dataset", "Fashion_MNIST", "--network_structure", "mlp", "--weight_decay", "5e-04",
     "--regrow_method", "CH3_L3p_soft", "--init_mode", "swi", "--linearlr", "--learning_rate", "0.025",
@@ -205,7 +207,41 @@ def _edgetune_runs(folder: Path) -> dict[int, list[float]]:
     return runs
 
 
+def _active(masks: list[torch.Tensor]) -> float:
+    """edgetune's count on the official masks ``(out, in)``: the three sparse layers chained, the last one
+    feeding the dense head."""
+    from edgetune.sparse.percolation import active_neuron_fraction
+
+    return active_neuron_fraction(masks, [[0, 1, 2]], [2])
+
+
+def _official_active(run_dir: Path) -> float | None:
+    """From the last checkpoint's masks, else from the weights of the official ``best_model.pth`` (epoch > 75%,
+    the topology final; pruned weights are exactly 0)."""
+    if (run_dir / "checkpoint.pt").exists():
+        ck = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        return _active([m.bool() for m in ck["pruner"]["backward_masks"]])
+    best = sorted(run_dir.glob("**/best_model.pth"))
+    if not best:
+        return None
+    sd = torch.load(best[0], map_location="cpu", weights_only=True)
+    return _active([sd[f"Linear{i}.weight"] != 0 for i in (1, 2, 3)])
+
+
+def _edgetune_active(folder: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for f in sorted(folder.glob("*/metrics.jsonl")):
+        seed = int(re.search(r"-s(\d+)", f.parent.name).group(1))  # type: ignore[union-attr]
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        vals = [r["sparse_active_neurons"] for r in rows if "sparse_active_neurons" in r]
+        if vals:
+            out[seed] = vals[-1]
+    return out
+
+
 def _stats(xs: list[float]) -> str:
+    if not xs:
+        return "–"
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return f"{m:.4f} ± {sd:.4f}"
@@ -243,14 +279,22 @@ def _report(args: argparse.Namespace) -> None:
             "the CSV beside this file."
         ),
         "",
-        "| code | seeds | last epoch | best epoch after 75% | mean over all epochs |",
-        "|---|---|---|---|---|",
+        "| code | seeds | last epoch | best epoch after 75% | mean over all epochs | active neurons at the end |",
+        "|---|---|---|---|---|---|",
     ]
+    official_dirs = {
+        int(re.search(r"-s(\d+)$", d.name).group(1)): d for d in Path(args.official).glob("e*-s*")
+    }  # type: ignore[union-attr]
+    active = {
+        "official": {s: a for s in official if (a := _official_active(official_dirs[s])) is not None},
+        "edgetune": _edgetune_active(Path(args.edgetune)),
+    }
     for code, runs in sides.items():
         accs = [runs[s] for s in sorted(runs)]
         lines.append(
             f"| {code} | {', '.join(map(str, sorted(runs)))} | {_stats([a[-1] for a in accs])} | "
-            f"{_stats([max(a[e] for e in late) for a in accs])} | {_stats([sum(a) / n for a in accs])} |"
+            f"{_stats([max(a[e] for e in late) for a in accs])} | {_stats([sum(a) / n for a in accs])} | "
+            f"{_stats(list(active[code].values()))} |"
         )
     common = sorted(set(official) & set(sides["edgetune"]))
     diffs = [sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)]

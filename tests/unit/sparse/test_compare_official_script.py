@@ -14,6 +14,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "compare_official_cht.py"
 
@@ -33,7 +34,9 @@ def _idx(path: Path, arr: np.ndarray) -> None:
         f.write(head + arr.astype(np.uint8).tobytes())
 
 
-def test_torchvision_stand_in_reads_idx_and_normalises_like_torchvision(script: ModuleType, tmp_path: Path) -> None:
+def test_torchvision_stand_in_reads_idx_and_normalises_like_torchvision(
+    script: ModuleType, tmp_path: Path
+) -> None:
     shims = tmp_path / "shims"
     for name, text in script.SHIMS.items():
         (shims / name).parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +52,13 @@ def test_torchvision_stand_in_reads_idx_and_normalises_like_torchvision(script: 
         " transform=T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))]))\n"
         "x, y = ds[3]; print(json.dumps([len(ds), list(x.shape), str(x.dtype), x[0, 4, 7].item(), y]))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(shims), "CHT_FMNIST_DIR": str(tmp_path), "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(shims), "CHT_FMNIST_DIR": str(tmp_path), "PATH": ""},
+    )
     n, shape, dtype, value, label = json.loads(out.stdout)
     assert (n, shape, dtype, label) == (5, [1, 28, 28], "torch.float32", int(labels[3]))
     expected = (np.float32(imgs[3, 4, 7]) / np.float32(255) - np.float32(0.2860)) / np.float32(0.3530)
@@ -64,22 +72,43 @@ def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_p
     for seed, accs in runs.items():
         d = official / f"e8-s{seed}"
         d.mkdir(parents=True)
-        lines = [f"Train Epoch: {e}\nTest:\tTime 0.01\tLoss 0.5\tPrec@1 {a * 100:.3f}\tPrec@5 99.0" for e, a in
-                 enumerate(accs)]
+        lines = [
+            f"Train Epoch: {e}\nTest:\tTime 0.01\tLoss 0.5\tPrec@1 {a * 100:.3f}\tPrec@5 99.0"
+            for e, a in enumerate(accs)
+        ]
         (d / "log.txt").write_text("\n".join(lines) + "\n")
-        if seed == 1:  # a resumed run: its log repeats epochs, epochs.json holds one accuracy per trained epoch
+        if (
+            seed == 1
+        ):  # a resumed run: its log repeats epochs, epochs.json holds one accuracy per trained epoch
             (d / "log.txt").write_text("Prec@1 0.000\n" * 3 + "\n".join(lines) + "\n")
             (d / "epochs.json").write_text(json.dumps(accs))
+        masks = [
+            torch.ones(4, 3, dtype=torch.bool),
+            torch.ones(4, 4, dtype=torch.bool),
+            torch.ones(4, 4, dtype=torch.bool),
+        ]
+        if seed == 0:  # hidden neuron 0 of the first layer has no input: 11 of 12 hidden neurons carry signal
+            masks[0][0] = False
+            torch.save({"pruner": {"backward_masks": masks}}, d / "checkpoint.pt")
+        else:  # the official best model: pruned weights are exactly 0
+            (d / "mlp" / "x").mkdir(parents=True)
+            torch.save(
+                {f"Linear{i + 1}.weight": m.float() for i, m in enumerate(masks)},
+                d / "mlp" / "x" / "best_model.pth",
+            )
         e = edgetune / f"fmnist-mlp-1pct-official-e8-chts-s{seed}-abc"
         e.mkdir(parents=True)
         rows = [{"kind": "train", "acc": 0.1, "epoch": i + 1} for i in range(8)]
-        rows += [{"kind": "eval", "split": "test", "acc": a + 0.01, "epoch": i + 1} for i, a in enumerate(accs)]
+        rows += [
+            {"kind": "eval", "split": "test", "acc": a + 0.01, "epoch": i + 1} for i, a in enumerate(accs)
+        ]
+        rows += [{"kind": "method", "sparse_active_neurons": 0.2 + 0.1 * seed, "epoch": 8}]
         (e / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "res" / "side"
     script._report(type("A", (), {"official": str(official), "edgetune": str(edgetune), "out": str(out)})())
     md = out.with_suffix(".md").read_text()
-    assert "| official | 0, 1 | 0.8600 ± 0.0141 | 0.8600 ± 0.0141 |" in md
-    assert "| edgetune | 0, 1 | 0.8700 ± 0.0141 | 0.8700 ± 0.0141 |" in md
+    assert "| official | 0, 1 | 0.8600 ± 0.0141 | 0.8600 ± 0.0141 | 0.7788 ± 0.0106 | 0.9583 ± 0.0589 |" in md
+    assert "| edgetune | 0, 1 | 0.8700 ± 0.0141 | 0.8700 ± 0.0141 | 0.7888 ± 0.0106 | 0.2500 ± 0.0707 |" in md
     assert md.count("+1.00") == 8
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert rows[0] == "code,seed,epoch,test_acc" and len(rows) == 1 + 2 * 2 * 8
@@ -93,7 +122,14 @@ def test_report_refuses_runs_of_unequal_length(script: ModuleType, tmp_path: Pat
     e = tmp_path / "edgetune" / "x-e8-chts-s0"
     e.mkdir(parents=True)
     (e / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "acc": 0.5}) + "\n")
-    args = type("A", (), {"official": str(tmp_path / "official"), "edgetune": str(tmp_path / "edgetune"),
-                          "out": str(tmp_path / "o")})()
+    args = type(
+        "A",
+        (),
+        {
+            "official": str(tmp_path / "official"),
+            "edgetune": str(tmp_path / "edgetune"),
+            "out": str(tmp_path / "o"),
+        },
+    )()
     with pytest.raises(SystemExit, match="unequal length"):
         script._report(args)
