@@ -31,7 +31,13 @@ from edgetune.sparse.config import SparseConfig
 from edgetune.sparse.layer import SparseLinear
 from edgetune.sparse.percolation import active_neuron_fraction, percolate
 from edgetune.sparse.removal import relative_importance_removal
-from edgetune.sparse.schedules import cosine_zeta, removal_temperature, stop_step, update_due
+from edgetune.sparse.schedules import (
+    cosine_zeta,
+    last_update_step,
+    removal_temperature,
+    stop_step,
+    update_due,
+)
 from edgetune.sparse.sparsify import hidden_tails, layer_chains, sparse_layers
 from edgetune.sparse.strategies import (
     DENSITY_SCHEDULES,
@@ -130,7 +136,7 @@ class SparseEngine(Callback):
         self.total = max(1, state.total_steps)
         self.t_end = max(1, stop_step(self.total, self.cfg.stop_fraction))
         decays = bool(self.cfg.initial_density) and self.cfg.initial_density != self.cfg.density
-        if decays and self.interval > self.t_end:
+        if decays and last_update_step(self.t_end, self.interval) == 0:
             raise ConfigError(
                 f"sparse: density decay from {self.cfg.initial_density} to {self.cfg.density} needs topology updates "
                 f"before the stop at step {self.t_end} ({self.cfg.stop_fraction:g} of {self.total} steps), but updates "
@@ -150,6 +156,7 @@ class SparseEngine(Callback):
             initial_density=c.initial_density or c.density,
             t_end=self.t_end,
             interval=self.interval,
+            last_update=last_update_step(self.t_end, self.interval),
             zeta=self.zeta_at(step),
             steepness=c.decay_steepness,
             options=self.options["density_schedule"],

@@ -4,7 +4,8 @@ Every function takes the current optimizer step ``step`` (number of optimizer st
 ``0`` before training) and returns a number; nothing here holds state, so a schedule can be evaluated
 anywhere (engine, plots, tests) and resumes exactly from a step count.
 
-- update timing: :func:`stop_step`, :func:`update_due` (every ``interval`` steps until ``T_end``);
+- update timing: :func:`stop_step`, :func:`update_due` (every ``interval`` steps before ``T_end``),
+  :func:`last_update_step`;
 - removal fraction: :func:`constant_zeta`, :func:`cosine_zeta` (RigL, Evci et al. 2020; CHT, Zhang et al.
   ICLR 2024);
 - soft-removal temperature: :func:`removal_temperature` (CHTs, Zhang et al. arXiv 2501.19107);
@@ -26,6 +27,7 @@ __all__ = [
     "constant_zeta",
     "cosine_zeta",
     "cubic_density",
+    "last_update_step",
     "linear_density",
     "removal_temperature",
     "sigmoid_density",
@@ -90,7 +92,7 @@ def _progress(step: int, t_start: int, t_end: int, interval: int) -> float:
 
 
 def stop_step(total_steps: int, stop_fraction: float = 0.75) -> int:
-    """Last step ``T_end = floor(stop_fraction * total_steps)`` at which the topology may change.
+    """The stop step ``T_end = floor(stop_fraction * total_steps)``: the topology changes only before it.
 
     RigL recommends stopping topology updates at 75% of training; CHT/CHTs use the same ``T_end``
     (spec §1.7). ``stop_fraction`` must lie in (0, 1].
@@ -108,15 +110,24 @@ def stop_step(total_steps: int, stop_fraction: float = 0.75) -> int:
 def update_due(step: int, interval: int, stop_fraction: float, total_steps: int) -> bool:
     """Whether a topology update happens after optimizer step ``step``.
 
-    Updates happen every ``interval`` (ΔT) steps while ``step <= T_end``, with
+    Updates happen every ``interval`` (ΔT) steps while ``step < T_end``, with
     ``T_end = stop_step(total_steps, stop_fraction)``: due iff ``step > 0``, ``step % ΔT == 0`` and
-    ``step <= T_end`` (as in the RigL/CHT schedulers, which count steps from 1).
+    ``step < T_end``, as in rigl-torch's and the official CHT/CHTs schedulers (``self.step % self.delta_T == 0
+    and self.step < self.T_end``, steps counted from 1). With ``T_end`` a multiple of ΔT (CHT's MLPs: 75 of 100
+    epochs) the last update is at ``T_end - ΔT``; the models then train ``total - T_end + ΔT`` steps on it.
     ΔT is 100 steps for Transformer/LLM runs, one epoch (``len(loader)`` steps) for the CHT MLPs.
     """
     _check_step(step)
     _check_positive_int("interval", interval)
     t_end = stop_step(total_steps, stop_fraction)
-    return step > 0 and step % interval == 0 and step <= t_end
+    return step > 0 and step % interval == 0 and step < t_end
+
+
+def last_update_step(t_end: int, interval: int) -> int:
+    """Step of the last update :func:`update_due` allows before the stop step ``t_end`` (0: none)."""
+    _check_positive_int("t_end", t_end)
+    _check_positive_int("interval", interval)
+    return (t_end - 1) // interval * interval
 
 
 # ------------------------------------------------------------------------------------- removal fraction
@@ -255,9 +266,10 @@ def _prune_then_remove(nnz: int, final: int, target: int, ctx: Any) -> tuple[int
 def _sigmoid_at(step: int, ctx: Any) -> float:
     if ctx.initial_density == ctx.density:
         return ctx.density
+    end = max(1, ctx.last_update)  # the last update lands on the final density
     return sigmoid_density(
-        min(step, ctx.t_end),
-        ctx.t_end,
+        min(step, end),
+        end,
         ctx.initial_density,
         ctx.density,
         steepness=ctx.steepness,

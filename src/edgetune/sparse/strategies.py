@@ -139,12 +139,15 @@ class WeightInit:
 
 @dataclass(frozen=True)
 class ScheduleContext:
-    """Where training stands: ``t_end`` the last step with an update, ``interval`` steps between updates."""
+    """Where training stands: ``t_end`` the stop step ``T_end`` (updates happen before it), ``last_update``
+    the step of the last update (:func:`~edgetune.sparse.schedules.last_update_step`), ``interval`` steps
+    between updates."""
 
     density: float  # final density
     initial_density: float  # density at the start
     t_end: int
     interval: int
+    last_update: int
     zeta: float  # removal fraction at this step (already scheduled)
     steepness: float = 6.0
     options: Any = None

@@ -18,17 +18,11 @@ from edgetune.sparse.topology import link_count
 
 def test_density_steps_down_as_the_official_scheduler():
     c = ScheduleContext(
-        density=0.01, initial_density=0.06, t_end=75, interval=1, zeta=0.3, options=EmsOptions()
+        density=0.01, initial_density=0.06, t_end=75, interval=1, last_update=74, zeta=0.3, options=EmsOptions()
     )
-    # official: step <= 0.6*T_end -> d + 5%; step < T_end - delta_T -> d + 2.5%; the last update -> d
-    assert [round(ems_density(s, c), 6) for s in (1, 45, 46, 73, 74, 75)] == [
-        0.06,
-        0.06,
-        0.035,
-        0.035,
-        0.035,
-        0.01,
-    ]
+    # official (dst_scheduler.py): updates while step < T_end; step <= 0.6*T_end -> d + 5%;
+    # step < T_end - delta_T -> d + 2.5%; else (the last update, T_end - delta_T) -> d
+    assert [round(ems_density(s, c), 6) for s in (1, 45, 46, 73, 74)] == [0.06, 0.06, 0.035, 0.035, 0.01]
     assert SparseConfig(
         method="chts", density=0.01, density_schedule="em_s"
     ).resolved().initial_density == pytest.approx(0.06)
@@ -47,7 +41,7 @@ def test_training_follows_the_schedule_and_ends_on_the_density():
     st = TrainState(
         model=model, optimizer=opt, device=torch.device("cpu"), total_steps=40, steps_per_epoch=10
     )
-    engine.on_fit_start(st)  # T_end = 30: updates at 2, 4, ..., 30; the last one lands on 0.1
+    engine.on_fit_start(st)  # T_end = 30: updates at 2, 4, ..., 28 (before T_end); the last one lands on 0.1
     seen = {}
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
@@ -63,10 +57,10 @@ def test_training_follows_the_schedule_and_ends_on_the_density():
         st.step += 1
         if engine.last.get("sparse_updates") == len(seen) + 1:
             seen[st.step] = (before, layer.nnz(), engine.last["sparse_removed"])
-    assert sorted(seen) == list(range(2, 31, 2))
+    assert sorted(seen) == list(range(2, 29, 2))
     assert seen[2][1] == link_count(40, 40, 0.15) and seen[18][1] == link_count(40, 40, 0.15)
-    assert seen[20][1] == seen[28][1] == link_count(40, 40, 0.125)
-    assert seen[30][1] == link_count(40, 40, 0.1)
+    assert seen[20][1] == seen[26][1] == link_count(40, 40, 0.125)
+    assert seen[28][1] == link_count(40, 40, 0.1)
     for _, l in sparse_layers(model):
         assert l.nnz() == link_count(l.out_features, l.in_features, 0.1)
     # each update removes (removal rule + percolation) at least down to the final density: zeta is not used

@@ -14,6 +14,7 @@ from edgetune.sparse.schedules import (
     constant_zeta,
     cosine_zeta,
     cubic_density,
+    last_update_step,
     linear_density,
     removal_temperature,
     sigmoid_density,
@@ -32,8 +33,11 @@ def test_stop_step_floors_with_float_guard() -> None:
 def test_update_due_every_interval_until_t_end() -> None:
     due = [s for s in range(1001) if update_due(s, 100, 0.75, 1000)]
     assert due == [100, 200, 300, 400, 500, 600, 700]
-    assert update_due(750, 50, 0.75, 1000)  # T_end itself is included
+    # as rigl-torch and the official CHT code (step < T_end): T_end itself has no update
+    assert update_due(700, 50, 0.75, 1000) and not update_due(750, 50, 0.75, 1000)
     assert not update_due(800, 50, 0.75, 1000)
+    assert [last_update_step(750, 50), last_update_step(751, 50), last_update_step(749, 50)] == [700, 750, 700]
+    assert last_update_step(140625, 1875) == 138750  # CHT MLP, 100 epochs: the final update ends epoch 74
     assert not update_due(0, 1, 1.0, 10)
 
 

@@ -41,9 +41,9 @@ class EmsOptions(Config):
 
 def ems_density(step: int, ctx: ScheduleContext) -> float:
     """Density after the update at ``step``: ``d + extra`` until ``switch·T_end``, then ``d + late_extra``,
-    and ``d`` at the last update (no update is due after it)."""
+    and ``d`` at the last update (official: ``step >= T_end - ΔT``; updates stop before ``T_end``)."""
     o = ctx.options if ctx.options is not None else EmsOptions()
-    if step + ctx.interval > ctx.t_end:
+    if step >= ctx.last_update:
         return ctx.density
     extra = o.extra if step <= o.switch * ctx.t_end else o.late_extra
     return min(1.0, ctx.density + extra)
