@@ -40,7 +40,9 @@ def test_quick_row_learns_writes_table_and_resumes(tmp_path: Path) -> None:
     table = out.with_suffix(".md").read_text()
     assert table == quality_table(out)
     line = next(x for x in table.splitlines() if "| set |" in x)
-    assert "| digits | 3 | data.name=digits model.widths=[256,256,256] train.num_threads=1 | set | 1 |" in line and f"{row['test_acc']:.4f} ± 0.0000" in line
+    # 3 epochs of 29 steps, T_end = floor(0.75 * 87) = 65: SET updates once per epoch before it (steps 29, 58)
+    assert row["topology_updates"] == 2
+    assert "| digits | 3 | data.name=digits model.widths=[256,256,256] train.num_threads=1 | set | 2 | 1 |" in line and f"{row['test_acc']:.4f} ± 0.0000" in line
 
     # the same slice again with the same work dir continues from the run's checkpoint instead of retraining
     again = run_suite("sparse-quality", out_csv=out, quick=True, options=OPTS, out_dir=work)

@@ -73,6 +73,7 @@ def _sparse_quality(ctx: BenchContext) -> Iterable[dict[str, Any]]:
                    "wall_time_s": s.get("wall_time_s"), "steps": s.get("steps"), "nonzeros": s.get("nonzeros"),
                    "parameters": s.get("parameters"), "overrides": " ".join(extra),
                    "torch_threads": cfg.train.num_threads or torch.get_num_threads(),
+                   "topology_updates": int(mm["sparse_updates"]) if "sparse_updates" in mm else None,
                    "best_test_acc_late": _best_late(run_dir, cfg)}
 
 
@@ -123,21 +124,27 @@ def _mean_std(rows: list[dict[str, str]], key: str) -> str:
 
 
 def quality_table(csv_path: str | Path, recipe: str | None = None) -> str:
-    """Markdown table (mean +- std over seeds) of every row in a sparse-quality CSV."""
+    """Markdown table (mean +- std over seeds) of every row in a sparse-quality CSV.
+
+    Rows group by recipe, data, epochs, settings, method and number of topology updates (rows written
+    before that column existed show ``–``; since the updates stop before ``T_end``, as the official code's,
+    a 100-epoch CHT run has 74 where older ones had 75)."""
     with open(csv_path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if recipe is None or r["recipe"] == recipe]
-    groups: dict[tuple[str, str, str, str, str], list[dict[str, str]]] = {}
+    groups: dict[tuple[str, str, str, str, str, str], list[dict[str, str]]] = {}
     for r in rows:
-        groups.setdefault((r["recipe"], r["dataset"], r["epochs"], _settings(r.get("overrides", "")), r["method"]),
-                          []).append(r)
+        key = (r["recipe"], r["dataset"], r["epochs"], _settings(r.get("overrides", "")), r["method"],
+               r.get("topology_updates") or "")
+        groups.setdefault(key, []).append(r)
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    lines = [("| recipe | data | epochs | settings | method | seeds | test acc (mean ± std) | active neurons | density | "
-              "wall time (s) | best test acc after T_end |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (rec, data, ep, extra, method), rs in sorted(groups.items(),
-                                                     key=lambda kv: (kv[0][:4], order.get(kv[0][4], 99))):
+    lines = [("| recipe | data | epochs | settings | method | updates | seeds | test acc (mean ± std) | "
+              "active neurons | density | wall time (s) | best test acc after T_end |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (rec, data, ep, extra, method, ups), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][:4], order.get(kv[0][4], 99), kv[0][5])):
         act = statistics.mean(float(r["active_neurons"]) for r in rs)
         wall = statistics.mean(float(r["wall_time_s"]) for r in rs)
-        lines.append(f"| {rec} | {data} | {ep} | {extra or 'recipe'} | {method} | {len(rs)} | "
+        lines.append(f"| {rec} | {data} | {ep} | {extra or 'recipe'} | {method} | {ups or '–'} | {len(rs)} | "
                      f"{_mean_std(rs, 'test_acc')} | {act:.3f} | {float(rs[0]['density']):.4f} | {wall:.0f} | "
                      f"{_mean_std(rs, 'best_test_acc_late')} |")
     return "\n".join(lines) + "\n"
