@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -198,13 +198,22 @@ def official_accuracies(run_dir: Path) -> list[float]:
     return [float(m) / 100 for m in re.findall(r"Prec@1 ([0-9.]+)", text)]
 
 
-def _edgetune_runs(folder: Path) -> dict[int, list[float]]:
-    runs: dict[int, list[float]] = {}
+def _seed(name: str) -> int:
+    return int(re.findall(r"-s(\d+)", name)[-1])
+
+
+def _edgetune_runs(folder: Path) -> tuple[dict[int, list[float]], dict[int, float]]:
+    """Per seed: the test accuracy of every epoch and the active-neuron fraction at the end."""
+    from edgetune.sparse.bench.quality_plot import read_curves
+
+    accs: dict[int, list[float]] = {}
+    active: dict[int, float] = {}
     for f in sorted(folder.glob("*/metrics.jsonl")):
-        seed = int(re.search(r"-s(\d+)", f.parent.name).group(1))  # type: ignore[union-attr]
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        runs[seed] = [r["acc"] for r in rows if r.get("kind") == "eval"]
-    return runs
+        acc, act = read_curves(f)
+        accs[_seed(f.parent.name)] = [a for _, a in acc]
+        if act:
+            active[_seed(f.parent.name)] = act[-1][1]
+    return accs, active
 
 
 def _active(masks: list[torch.Tensor]) -> float:
@@ -228,32 +237,19 @@ def _official_active(run_dir: Path) -> float | None:
     return _active([sd[f"Linear{i}.weight"] != 0 for i in (1, 2, 3)])
 
 
-def _edgetune_active(folder: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for f in sorted(folder.glob("*/metrics.jsonl")):
-        seed = int(re.search(r"-s(\d+)", f.parent.name).group(1))  # type: ignore[union-attr]
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        vals = [r["sparse_active_neurons"] for r in rows if "sparse_active_neurons" in r]
-        if vals:
-            out[seed] = vals[-1]
-    return out
-
-
 def _stats(xs: list[float]) -> str:
     if not xs:
         return "–"
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{m:.4f} ± {sd:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
 def _report(args: argparse.Namespace) -> None:
-    official = {
-        int(re.search(r"-s(\d+)$", d.name).group(1)): official_accuracies(d)  # type: ignore[union-attr]
-        for d in sorted(Path(args.official).glob("e*-s*"))
-        if (d / "log.txt").exists()
+    official_dirs = {
+        _seed(d.name): d for d in sorted(Path(args.official).glob("e*-s*")) if (d / "log.txt").exists()
     }
-    sides = {"official": official, "edgetune": _edgetune_runs(Path(args.edgetune))}
+    official = {seed: official_accuracies(d) for seed, d in official_dirs.items()}
+    edgetune, edgetune_active = _edgetune_runs(Path(args.edgetune))
+    sides = {"official": official, "edgetune": edgetune}
     epochs = {len(a) for runs in sides.values() for a in runs.values()}
     if len(epochs) != 1:
         raise SystemExit(
@@ -268,9 +264,7 @@ def _report(args: argparse.Namespace) -> None:
         for code, runs in sides.items():
             for seed, accs in sorted(runs.items()):
                 w.writerows([code, seed, e + 1, a] for e, a in enumerate(accs))
-    late = [
-        e for e in range(n) if e > 0.75 * n
-    ]  # the official script's rule for its best model (0-based epochs)
+    late = [e for e in range(n) if e > 0.75 * n]  # the official script's best-model rule (0-based epochs)
     lines = [
         f"# CHTs, official code vs edgetune, Fashion-MNIST, {n} epochs, 1% density",
         "",
@@ -282,12 +276,9 @@ def _report(args: argparse.Namespace) -> None:
         "| code | seeds | last epoch | best epoch after 75% | mean over all epochs | active neurons at the end |",
         "|---|---|---|---|---|---|",
     ]
-    official_dirs = {
-        int(re.search(r"-s(\d+)$", d.name).group(1)): d for d in Path(args.official).glob("e*-s*")
-    }  # type: ignore[union-attr]
     active = {
-        "official": {s: a for s in official if (a := _official_active(official_dirs[s])) is not None},
-        "edgetune": _edgetune_active(Path(args.edgetune)),
+        "official": {s: a for s, d in official_dirs.items() if (a := _official_active(d)) is not None},
+        "edgetune": edgetune_active,
     }
     for code, runs in sides.items():
         accs = [runs[s] for s in sorted(runs)]

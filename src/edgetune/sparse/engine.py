@@ -123,6 +123,7 @@ class SparseEngine(Callback):
         self.interval = 1
         self.total = 1
         self.t_end = 1
+        self.last_update = 0
         self.model = model
         self.stepper: Any = None  # a MethodStepper once attach() was called
         if self.needs_gradients:  # the rules read the dense gradient of the batch before each update
@@ -135,8 +136,9 @@ class SparseEngine(Callback):
         self.interval = max(1, int(self.cfg.update_interval or 1) * per)
         self.total = max(1, state.total_steps)
         self.t_end = max(1, stop_step(self.total, self.cfg.stop_fraction))
+        self.last_update = last_update_step(self.t_end, self.interval)
         decays = bool(self.cfg.initial_density) and self.cfg.initial_density != self.cfg.density
-        if decays and last_update_step(self.t_end, self.interval) == 0:
+        if decays and self.last_update == 0:
             raise ConfigError(
                 f"sparse: density decay from {self.cfg.initial_density} to {self.cfg.density} needs topology updates "
                 f"before the stop at step {self.t_end} ({self.cfg.stop_fraction:g} of {self.total} steps), but updates "
@@ -156,7 +158,7 @@ class SparseEngine(Callback):
             initial_density=c.initial_density or c.density,
             t_end=self.t_end,
             interval=self.interval,
-            last_update=last_update_step(self.t_end, self.interval),
+            last_update=self.last_update,
             zeta=self.zeta_at(step),
             steepness=c.decay_steepness,
             options=self.options["density_schedule"],

@@ -77,9 +77,8 @@ def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_p
             for e, a in enumerate(accs)
         ]
         (d / "log.txt").write_text("\n".join(lines) + "\n")
-        if (
-            seed == 1
-        ):  # a resumed run: its log repeats epochs, epochs.json holds one accuracy per trained epoch
+        # seed 1 is a resumed run: its log repeats epochs, epochs.json holds one accuracy per trained epoch
+        if seed == 1:
             (d / "log.txt").write_text("Prec@1 0.000\n" * 3 + "\n".join(lines) + "\n")
             (d / "epochs.json").write_text(json.dumps(accs))
         masks = [
