@@ -243,13 +243,27 @@ def _stats(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.4f}"
 
 
+_CODE_NAMES = {"official": "official code", "edgetune": "edgetune"}
+
+
 def _report(args: argparse.Namespace) -> None:
     official_dirs = {
         _seed(d.name): d for d in sorted(Path(args.official).glob("e*-s*")) if (d / "log.txt").exists()
     }
     official = {seed: official_accuracies(d) for seed, d in official_dirs.items()}
-    edgetune, edgetune_active = _edgetune_runs(Path(args.edgetune))
-    sides = {"official": official, "edgetune": edgetune}
+    if not official:
+        raise SystemExit(f"no official runs (e<epochs>-s<seed>/log.txt) under {args.official}")
+    for seed, d in official_dirs.items():
+        planned = int(re.match(r"e(\d+)-", d.name).group(1))
+        if len(official[seed]) != planned:
+            raise SystemExit(
+                f"official run {d} has {len(official[seed])} of its {planned} epochs: finish it (the same "
+                "`official` command resumes it) or remove it"
+            )
+    sides = {"official": official}
+    edgetune_active: dict[int, float] = {}
+    if args.edgetune:  # without it, the official runs alone
+        sides["edgetune"], edgetune_active = _edgetune_runs(Path(args.edgetune))
     epochs = {len(a) for runs in sides.values() for a in runs.values()}
     if len(epochs) != 1:
         raise SystemExit(
@@ -266,7 +280,7 @@ def _report(args: argparse.Namespace) -> None:
                 w.writerows([code, seed, e + 1, a] for e, a in enumerate(accs))
     late = [e for e in range(n) if e > 0.75 * n]  # the official script's best-model rule (0-based epochs)
     lines = [
-        f"# CHTs, official code vs edgetune, Fashion-MNIST, {n} epochs, 1% density",
+        f"# CHTs, {' vs '.join(_CODE_NAMES[c] for c in sides)}, Fashion-MNIST, {n} epochs, 1% density",
         "",
         (
             "Made by `scripts/compare_official_cht.py` (its docstring has the commands); per-epoch accuracies in "
@@ -284,17 +298,19 @@ def _report(args: argparse.Namespace) -> None:
         accs = [runs[s] for s in sorted(runs)]
         lines.append(
             f"| {code} | {', '.join(map(str, sorted(runs)))} | {_stats([a[-1] for a in accs])} | "
-            f"{_stats([max(a[e] for e in late) for a in accs])} | {_stats([sum(a) / n for a in accs])} | "
+            f"{_stats([max(a[e] for e in late) for a in accs] if late else [])} | {_stats([sum(a) / n for a in accs])} | "
             f"{_stats(list(active[code].values()))} |"
         )
-    common = sorted(set(official) & set(sides["edgetune"]))
-    diffs = [sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)]
-    lines += [
-        "",
-        "edgetune minus official, mean over the seeds, epoch by epoch: "
-        + ", ".join(f"{d * 100:+.2f}" for d in diffs)
-        + " points.",
-    ]
+    if common := sorted(set(official) & set(sides.get("edgetune", {}))):
+        diffs = [
+            sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)
+        ]
+        lines += [
+            "",
+            "edgetune minus official, mean over the seeds, epoch by epoch: "
+            + ", ".join(f"{d * 100:+.2f}" for d in diffs)
+            + " points.",
+        ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(sides, n, out.with_suffix(".png"))
     print("\n".join(lines))
@@ -321,7 +337,9 @@ def _plot(sides: dict[str, dict[int, list[float]]], n: int, path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0.8, 0.92)
-    ax.set_title("CHTs 1% (Fashion-MNIST MLP): official code vs edgetune, one line a seed")
+    ax.set_title(
+        f"CHTs 1% (Fashion-MNIST MLP): {' vs '.join(_CODE_NAMES[c] for c in sides)}, one line a seed"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -343,7 +361,7 @@ def main() -> None:
     )
     r = sub.add_parser("report", help="compare finished runs of both codes")
     r.add_argument("--official", default="/tmp/cht-official")
-    r.add_argument("--edgetune", default="/tmp/cht-edgetune", help="the bench suite's --work-dir")
+    r.add_argument("--edgetune", help="the bench suite's --work-dir; left out, the official runs alone")
     r.add_argument("--out", default="bench/results/sparse-official-side-by-side")
     a = p.parse_args()
     _official(a) if a.cmd == "official" else _report(a)

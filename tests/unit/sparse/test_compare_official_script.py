@@ -114,21 +114,46 @@ def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_p
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_report_refuses_runs_of_unequal_length(script: ModuleType, tmp_path: Path) -> None:
-    d = tmp_path / "official" / "e8-s0"
-    d.mkdir(parents=True)
-    (d / "log.txt").write_text("Prec@1 50.0\nPrec@1 60.0\n")
-    e = tmp_path / "edgetune" / "x-e8-chts-s0"
-    e.mkdir(parents=True)
-    (e / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "acc": 0.5}) + "\n")
-    args = type(
+def _args(tmp_path: Path, edgetune: bool = True) -> object:
+    return type(
         "A",
         (),
         {
             "official": str(tmp_path / "official"),
-            "edgetune": str(tmp_path / "edgetune"),
+            "edgetune": str(tmp_path / "edgetune") if edgetune else None,
             "out": str(tmp_path / "o"),
         },
     )()
+
+
+def _official_log(tmp_path: Path, name: str, accs: list[float]) -> None:
+    d = tmp_path / "official" / name
+    d.mkdir(parents=True)
+    (d / "log.txt").write_text("".join(f"Prec@1 {a * 100:.2f}\n" for a in accs))
+
+
+def test_report_refuses_runs_of_unequal_length(script: ModuleType, tmp_path: Path) -> None:
+    _official_log(tmp_path, "e2-s0", [0.5, 0.6])
+    e = tmp_path / "edgetune" / "x-e8-chts-s0"
+    e.mkdir(parents=True)
+    (e / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "acc": 0.5}) + "\n")
     with pytest.raises(SystemExit, match="unequal length"):
-        script._report(args)
+        script._report(_args(tmp_path))
+
+
+def test_report_refuses_an_unfinished_official_run(script: ModuleType, tmp_path: Path) -> None:
+    # planned 8 epochs (the folder name), 3 done: its "last epoch" would not be the protocol's
+    _official_log(tmp_path, "e8-s0", [0.5, 0.6, 0.7])
+    with pytest.raises(SystemExit, match=r"has 3 of its 8 epochs.*resumes it"):
+        script._report(_args(tmp_path, edgetune=False))
+
+
+def test_report_of_the_official_runs_alone(script: ModuleType, tmp_path: Path) -> None:
+    _official_log(tmp_path, "e5-s0", [0.5, 0.6, 0.9, 0.8, 0.85])  # best of 0-based epochs > 3.75: the last
+    _official_log(tmp_path, "e5-s1", [0.5, 0.6, 0.7, 0.7, 0.75])
+    script._report(_args(tmp_path, edgetune=False))
+    md = (tmp_path / "o.md").read_text()
+    assert md.startswith("# CHTs, official code, Fashion-MNIST, 5 epochs")
+    assert "| official | 0, 1 | 0.8000 ± 0.0707 | 0.8000 ± 0.0707 | 0.6900 ± 0.0566 | – |" in md
+    assert "edgetune" not in md.split("\n", 1)[0] and "minus official" not in md
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 1 + 2 * 5
