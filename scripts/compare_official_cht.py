@@ -247,14 +247,16 @@ _CODE_NAMES = {"official": "official code", "edgetune": "edgetune"}
 
 
 def _report(args: argparse.Namespace) -> None:
-    official_dirs = {
-        _seed(d.name): d for d in sorted(Path(args.official).glob("e*-s*")) if (d / "log.txt").exists()
+    official_dirs = {  # the folders the `official` command makes: e<epochs>-s<seed>
+        _seed(d.name): d
+        for d in sorted(Path(args.official).glob("e*-s*"))
+        if re.fullmatch(r"e\d+-s\d+", d.name) and (d / "log.txt").exists()
     }
     official = {seed: official_accuracies(d) for seed, d in official_dirs.items()}
     if not official:
         raise SystemExit(f"no official runs (e<epochs>-s<seed>/log.txt) under {args.official}")
     for seed, d in official_dirs.items():
-        planned = int(re.match(r"e(\d+)-", d.name).group(1))
+        planned = int(d.name[1:].split("-")[0])
         if len(official[seed]) != planned:
             raise SystemExit(
                 f"official run {d} has {len(official[seed])} of its {planned} epochs: finish it (the same "
