@@ -18,7 +18,8 @@ per-epoch learning rate, so both decay the learning rate the same way::
     .venv/bin/edgetune bench sparse-quality recipe=sparse/fmnist-mlp-1pct-official "methods=[chts]" \\
         "seeds=[0,1,2]" epochs=20 "set=[train.schedule.per_epoch=true,train.schedule.end_fraction=0.9]" \\
         --work-dir /tmp/cht-edgetune --out /tmp/cht-edgetune.csv
-    # 3. the comparison: per-epoch CSV, markdown table and curves
+    # 3. the comparison: per-epoch CSV, markdown table and curves (without --edgetune: the official runs
+    #    alone; --partial: official runs that have not finished, on their planned schedule)
     .venv/bin/python scripts/compare_official_cht.py report --official /tmp/cht-official \\
         --edgetune /tmp/cht-edgetune --out bench/results/sparse-official-side-by-side
 
@@ -255,12 +256,17 @@ def _report(args: argparse.Namespace) -> None:
     official = {seed: official_accuracies(d) for seed, d in official_dirs.items()}
     if not official:
         raise SystemExit(f"no official runs (e<epochs>-s<seed>/log.txt) under {args.official}")
+    planned = {int(d.name[1:].split("-")[0]) for d in official_dirs.values()}
+    if len(planned) != 1:
+        raise SystemExit(
+            f"official runs planned for different epochs {sorted(planned)}: report one length at a time"
+        )
+    total = planned.pop()
     for seed, d in official_dirs.items():
-        planned = int(d.name[1:].split("-")[0])
-        if len(official[seed]) != planned:
+        if len(official[seed]) != total and not args.partial:
             raise SystemExit(
-                f"official run {d} has {len(official[seed])} of its {planned} epochs: finish it (the same "
-                "`official` command resumes it) or remove it"
+                f"official run {d} has {len(official[seed])} of its {total} epochs: finish it (the same "
+                "`official` command resumes it), remove it, or pass --partial to report the epochs done"
             )
     sides = {"official": official}
     edgetune_active: dict[int, float] = {}
@@ -280,9 +286,11 @@ def _report(args: argparse.Namespace) -> None:
         for code, runs in sides.items():
             for seed, accs in sorted(runs.items()):
                 w.writerows([code, seed, e + 1, a] for e, a in enumerate(accs))
-    late = [e for e in range(n) if e > 0.75 * n]  # the official script's best-model rule (0-based epochs)
+    # the official script's best-model rule (0-based epochs), on the planned schedule
+    late = [e for e in range(n) if e > 0.75 * total]
+    unfinished = f" (unfinished: epochs 1-{n} of {total})" if n < total else ""
     lines = [
-        f"# CHTs, {' vs '.join(_CODE_NAMES[c] for c in sides)}, Fashion-MNIST, {n} epochs, 1% density",
+        f"# CHTs, {' vs '.join(_CODE_NAMES[c] for c in sides)}, Fashion-MNIST, {total} epochs{unfinished}, 1% density",
         "",
         (
             "Made by `scripts/compare_official_cht.py` (its docstring has the commands); per-epoch accuracies in "
@@ -365,6 +373,11 @@ def main() -> None:
     r.add_argument("--official", default="/tmp/cht-official")
     r.add_argument("--edgetune", help="the bench suite's --work-dir; left out, the official runs alone")
     r.add_argument("--out", default="bench/results/sparse-official-side-by-side")
+    r.add_argument(
+        "--partial",
+        action="store_true",
+        help="report official runs that have not finished their epochs (the title says so; 'last' is the last done)",
+    )
     a = p.parse_args()
     _official(a) if a.cmd == "official" else _report(a)
 

@@ -114,7 +114,7 @@ def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_p
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def _args(tmp_path: Path, edgetune: bool = True) -> object:
+def _args(tmp_path: Path, edgetune: bool = True, partial: bool = False) -> object:
     return type(
         "A",
         (),
@@ -122,6 +122,7 @@ def _args(tmp_path: Path, edgetune: bool = True) -> object:
             "official": str(tmp_path / "official"),
             "edgetune": str(tmp_path / "edgetune") if edgetune else None,
             "out": str(tmp_path / "o"),
+            "partial": partial,
         },
     )()
 
@@ -144,8 +145,20 @@ def test_report_refuses_runs_of_unequal_length(script: ModuleType, tmp_path: Pat
 def test_report_refuses_an_unfinished_official_run(script: ModuleType, tmp_path: Path) -> None:
     # planned 8 epochs (the folder name), 3 done: its "last epoch" would not be the protocol's
     _official_log(tmp_path, "e8-s0", [0.5, 0.6, 0.7])
-    with pytest.raises(SystemExit, match=r"has 3 of its 8 epochs.*resumes it"):
+    with pytest.raises(SystemExit, match=r"has 3 of its 8 epochs.*resumes it.*--partial"):
         script._report(_args(tmp_path, edgetune=False))
+
+
+def test_partial_report_keeps_the_planned_schedule(script: ModuleType, tmp_path: Path) -> None:
+    # 12 epochs planned, 11 done: the best-model window stays 0-based epochs > 9 (of 12), so the 0.99 of epoch 9
+    # is left out, as the finished run would leave it out
+    _official_log(tmp_path, "e12-s0", [0.5] * 9 + [0.99, 0.85])
+    with pytest.raises(SystemExit, match="of its 12 epochs"):
+        script._report(_args(tmp_path, edgetune=False))
+    script._report(_args(tmp_path, edgetune=False, partial=True))
+    md = (tmp_path / "o.md").read_text()
+    assert md.startswith("# CHTs, official code, Fashion-MNIST, 12 epochs (unfinished: epochs 1-11 of 12)")
+    assert "| official | 0 | 0.8500 ± 0.0000 | 0.8500 ± 0.0000 |" in md
 
 
 def test_report_of_the_official_runs_alone(script: ModuleType, tmp_path: Path) -> None:
