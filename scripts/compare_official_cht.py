@@ -247,16 +247,21 @@ def _stats(xs: list[float]) -> str:
 _CODE_NAMES = {"official": "official code", "edgetune": "edgetune"}
 
 
+def _codes(sides: dict[str, dict[int, list[float]]]) -> str:
+    return " vs ".join(_CODE_NAMES[c] for c in sides)
+
+
 def _report(args: argparse.Namespace) -> None:
-    official_dirs = {  # the folders the `official` command makes: e<epochs>-s<seed>
-        _seed(d.name): d
+    runs = {  # the folders the `official` command makes: e<epochs>-s<seed> -> (planned epochs, seed)
+        d: (int(m[1]), int(m[2]))
         for d in sorted(Path(args.official).glob("e*-s*"))
-        if re.fullmatch(r"e\d+-s\d+", d.name) and (d / "log.txt").exists()
+        if (m := re.fullmatch(r"e(\d+)-s(\d+)", d.name)) and (d / "log.txt").exists()
     }
+    official_dirs = {seed: d for d, (_, seed) in runs.items()}
     official = {seed: official_accuracies(d) for seed, d in official_dirs.items()}
     if not official:
         raise SystemExit(f"no official runs (e<epochs>-s<seed>/log.txt) under {args.official}")
-    planned = {int(d.name[1:].split("-")[0]) for d in official_dirs.values()}
+    planned = {epochs for epochs, _ in runs.values()}
     if len(planned) != 1:
         raise SystemExit(
             f"official runs planned for different epochs {sorted(planned)}: report one length at a time"
@@ -290,7 +295,7 @@ def _report(args: argparse.Namespace) -> None:
     late = [e for e in range(n) if e > 0.75 * total]
     unfinished = f" (unfinished: epochs 1-{n} of {total})" if n < total else ""
     lines = [
-        f"# CHTs, {' vs '.join(_CODE_NAMES[c] for c in sides)}, Fashion-MNIST, {total} epochs{unfinished}, 1% density",
+        f"# CHTs, {_codes(sides)}, Fashion-MNIST, {total} epochs{unfinished}, 1% density",
         "",
         (
             "Made by `scripts/compare_official_cht.py` (its docstring has the commands); per-epoch accuracies in "
@@ -347,9 +352,7 @@ def _plot(sides: dict[str, dict[int, list[float]]], n: int, path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0.8, 0.92)
-    ax.set_title(
-        f"CHTs 1% (Fashion-MNIST MLP): {' vs '.join(_CODE_NAMES[c] for c in sides)}, one line a seed"
-    )
+    ax.set_title(f"CHTs 1% (Fashion-MNIST MLP): {_codes(sides)}, one line a seed")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
