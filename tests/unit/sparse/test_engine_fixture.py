@@ -2,7 +2,11 @@
 
 ``fixtures/engine_cases.json`` was written by ``fixtures/engine_cases.py`` from the engine as it was before
 the refactor (every method plus the non-default removal, regrowth, predictor, topology and weight-init
-choices); each case is recomputed here and must match bit for bit (masks) and to 1e-9 (weight checksums).
+choices); each case is recomputed here and must match bit for bit (masks) and to float32 precision (weight
+checksums). The weights are float32 and the training steps' matrix products accumulate in an order that
+depends on the CPU's vector width, so two machines agree on them to a few float32 ulps, not to 1e-9: the CI
+machine of 2026-12-07 differed from the one that wrote the fixture by up to 5e-8 relative. ``_REL`` is ten
+times that; a changed rule moves them by orders of magnitude more (zeta 0.3 -> 0.31 on the chts case: 75%).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ _spec = importlib.util.spec_from_file_location("sparse_engine_cases", _PATH)
 cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cases)  # type: ignore[union-attr]
 FROZEN = json.loads(cases.FIXTURE.read_text())["cases"]
+_REL = 1e-6
 
 
 def test_fixture_covers_every_case():
@@ -32,5 +37,5 @@ def test_masks_and_weights_match_the_frozen_run(name):
     for g, w in zip(got, want):
         assert g["updates"] == w["updates"], (name, g["name"])
         assert g["mask"] == w["mask"], f"{name}: mask of {g['name']} differs from the frozen run"
-        assert g["checksum"] == pytest.approx(w["checksum"], rel=1e-9, abs=1e-9), (name, g["name"])
-        assert g["abs_sum"] == pytest.approx(w["abs_sum"], rel=1e-9, abs=1e-9), (name, g["name"])
+        assert g["checksum"] == pytest.approx(w["checksum"], rel=_REL, abs=_REL), (name, g["name"])
+        assert g["abs_sum"] == pytest.approx(w["abs_sum"], rel=_REL, abs=_REL), (name, g["name"])
