@@ -251,6 +251,45 @@ def _codes(sides: dict[str, dict[int, list[float]]]) -> str:
     return " vs ".join(_CODE_NAMES[c] for c in sides)
 
 
+def em_s_phases(total: int) -> list[tuple[str, int, int]]:
+    """The EM_S density phases of a ``total``-epoch run as ``(density, first, last)`` 1-based epochs.
+
+    The official scheduler (``--EM_S``, one update an epoch, ``T_end`` = 75% of the epochs) sets the density the
+    next epoch trains at in the update at the end of epoch ``u``: 6% while ``u <= 0.6 T_end``, 3.5% while
+    ``u < T_end - 1``, then 1% for good (no update from ``T_end`` on); epoch 1 trains at the initial 6%.
+    """
+
+    def density(e: int) -> str:
+        u, t_end = e - 1, 0.75 * total
+        return "6%" if u <= 0.6 * t_end else "3.5%" if u < t_end - 1 else "1%"
+
+    phases: list[tuple[str, int, int]] = []
+    for e in range(1, total + 1):
+        d = density(e)
+        if phases and phases[-1][0] == d:
+            phases[-1] = (d, phases[-1][1], e)
+        else:
+            phases.append((d, e, e))
+    return phases
+
+
+def _phase_lines(sides: dict[str, dict[int, list[float]]], total: int, n: int) -> list[str]:
+    """Mean accuracy over each EM_S phase's epochs (mean ± std over seeds): where two codes part."""
+    phases = [(d, a, min(b, n)) for d, a, b in em_s_phases(total) if a <= n]
+    head = " | ".join(f"{d} (epochs {a}-{b})" for d, a, b in phases)
+    lines = [
+        "",
+        "Mean test accuracy over each EM_S density phase:",
+        "",
+        f"| code | {head} |",
+        "|---|" + "---|" * len(phases),
+    ]
+    for code, runs in sides.items():
+        cells = [_stats([sum(r[a - 1 : b]) / (b - a + 1) for r in runs.values()]) for _, a, b in phases]
+        lines.append(f"| {code} | {' | '.join(cells)} |")
+    return lines
+
+
 def _report(args: argparse.Namespace) -> None:
     runs = {  # the folders the `official` command makes: e<epochs>-s<seed> -> (planned epochs, seed)
         d: (int(m[1]), int(m[2]))
@@ -316,6 +355,7 @@ def _report(args: argparse.Namespace) -> None:
             f"{_stats([max(a[e] for e in late) for a in accs] if late else [])} | {_stats([sum(a) / n for a in accs])} | "
             f"{_stats(list(active[code].values()))} |"
         )
+    lines += _phase_lines(sides, total, n)
     if common := sorted(set(official) & set(sides.get("edgetune", {}))):
         diffs = [
             sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)

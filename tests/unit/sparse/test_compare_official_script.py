@@ -159,6 +159,25 @@ def test_partial_report_keeps_the_planned_schedule(script: ModuleType, tmp_path:
     md = (tmp_path / "o.md").read_text()
     assert md.startswith("# CHTs, official code, Fashion-MNIST, 12 epochs (unfinished: epochs 1-11 of 12)")
     assert "| official | 0 | 0.8500 ± 0.0000 | 0.8500 ± 0.0000 |" in md
+    # EM_S phases of 12 epochs: 6% epochs 1-6, 3.5% 7-8, 1% 9-12, cut at the 11 epochs done
+    assert "| code | 6% (epochs 1-6) | 3.5% (epochs 7-8) | 1% (epochs 9-11) |" in md
+    assert "| official | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.7800 ± 0.0000 |" in md
+
+
+@pytest.mark.parametrize("total", [8, 12, 20, 100])
+def test_em_s_phases_follow_the_official_scheduler(script: ModuleType, total: int) -> None:
+    # the official DSTScheduler at step granularity: an update every delta steps while step < T_end, the
+    # density it sets by step <= 0.6 T_end / step < T_end - delta / final (mlp_and_cnn/dst_scheduler.py)
+    delta = 7  # steps an epoch
+    t_end = total * 0.75 * delta
+    density, per_epoch = "6%", []
+    for step in range(1, total * delta + 1):
+        if (step - 1) % delta == 0:
+            per_epoch.append(density)  # what the epoch starting here trains at
+        if step % delta == 0 and step < t_end:
+            density = "6%" if step <= t_end * 0.6 else "3.5%" if step < t_end - delta else "1%"
+    got = [d for d, a, b in script.em_s_phases(total) for _ in range(a, b + 1)]
+    assert got == per_epoch
 
 
 def test_report_of_the_official_runs_alone(script: ModuleType, tmp_path: Path) -> None:
