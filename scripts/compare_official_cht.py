@@ -23,6 +23,16 @@ per-epoch learning rate, so both decay the learning rate the same way::
     .venv/bin/python scripts/compare_official_cht.py report --official /tmp/cht-official \\
         --edgetune /tmp/cht-edgetune --out bench/results/sparse-official-side-by-side
 
+To tell which phase of a run two codes part in, ``handoff`` writes an edgetune checkpoint taken at an epoch's
+end (weights, masks, momentum, EM_S position) as an official run folder; the same ``official`` command then
+continues edgetune's state in the official code for the remaining epochs (a paired comparison: one state, two
+codes)::
+
+    .venv/bin/python scripts/compare_official_cht.py handoff \
+        --checkpoint RUN/checkpoints/step-000138750.json --epochs 100 --seed 1 --work /tmp/cht-handoff
+    .venv/bin/python scripts/compare_official_cht.py official --src /path/to/Cannistraci-Hebb-training \
+        --epochs 100 --seed 1 --work /tmp/cht-handoff
+
 The official code is NOT part of edgetune; nothing in the library or the tests imports this script.
 """
 
@@ -32,12 +42,14 @@ import argparse
 import csv
 import json
 import os
+import random
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 README_CHTS = [  # the README's "CHTs on EMNIST-MLP" command, dataset Fashion_MNIST
@@ -188,6 +200,105 @@ def _official(args: argparse.Namespace) -> None:
         done = subprocess.run(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     accs = official_accuracies(run_dir)
     print(f"exit {done.returncode}; {len(accs)} epochs; last test accuracy {accs[-1] if accs else 'none'}")
+
+
+_OFFICIAL_LAYERS = ("Linear1", "Linear2", "Linear3")
+
+
+def official_state(state: dict, *, epochs: int, seed: int) -> dict:
+    """An official-code checkpoint (the ``official`` command's format) holding an edgetune run's state.
+
+    ``state`` is an edgetune checkpoint's state (``CheckpointManager.load(path).state``) of
+    ``sparse/fmnist-mlp-1pct-official`` saved at the end of an epoch. The sparse layers' links become the
+    official dense weights and masks (``(out, in)``), their SGD momentum the dense momentum buffers (0 off the
+    links, as the official code keeps them); biases, head and their momentum are copied. The scheduler state
+    follows the official EM_S rule at the saved step: ``S`` (sparsity of the density in effect), ``step`` and
+    the updates done, so the official code's next update (if any) is the one edgetune would make next.
+    """
+    model, loop = state["model"], state["loop"]
+    sparse = state["callbacks"]["0:sparse"]
+    shapes = [(int(o), int(i)) for _, o, i in sparse["layers"]]
+    if len(shapes) != 3 or loop["batch"] != 0:
+        raise SystemExit(
+            "handoff needs a checkpoint of the 3-sparse-layer MLP saved at the end of an epoch "
+            f"(got {len(shapes)} sparse layers, {loop['batch']} batches into epoch {loop['epoch']})"
+        )
+    steps_per_epoch = loop["step"] // loop["epoch"]
+    t_end = 0.75 * epochs * steps_per_epoch  # the official --EM_S T_end, in steps
+    step, dense_allocation = (
+        int(loop["step"]),
+        1 - (1 - float(sparse["density"])),
+    )  # run.py: 1 - args.sparsity
+    extra = 0.05 if step <= 0.6 * t_end else 0.025 if step < t_end - steps_per_epoch else 0.0
+    moms = state["optimizer"]["state"]
+    out_model, out_moms, masks = {}, {}, []
+    for n, (name, (o, i)) in enumerate(zip(_OFFICIAL_LAYERS, shapes)):
+        rows, cols = model[f"layers.{n}.indices"].long()
+        dense = torch.zeros(o, i)
+        dense[rows, cols] = model[f"layers.{n}.values"].float()
+        mom = torch.zeros(o, i)
+        mom[rows, cols] = moms[2 * n]["momentum_buffer"].float()
+        mask = torch.zeros(o, i, dtype=torch.bool)
+        mask[rows, cols] = True
+        masks.append(mask)
+        out_model[f"{name}.weight"], out_model[f"{name}.bias"] = dense, model[f"layers.{n}.bias"].float()
+        out_moms[2 * n], out_moms[2 * n + 1] = mom, moms[2 * n + 1]["momentum_buffer"].float()
+    out_model["last_layer.weight"], out_model["last_layer.bias"] = model["head.weight"], model["head.bias"]
+    out_moms[6], out_moms[7] = moms[6]["momentum_buffer"], moms[7]["momentum_buffer"]
+    group = dict(state["optimizer"]["param_groups"][0], params=list(range(8)))  # lr: the official schedule's
+    torch.manual_seed(seed)
+    return {
+        "next_epoch": int(loop["epoch"]),
+        "model": out_model,
+        "optimizer": {
+            "state": {k: {"momentum_buffer": v} for k, v in out_moms.items()},
+            "param_groups": [group],
+        },
+        "pruner": {
+            "dense_allocation": dense_allocation,
+            "S": [1 - dense_allocation - extra] * 3,
+            "N": [o * i for o, i in shapes],
+            "hyperparams": {
+                "delta_T": steps_per_epoch,
+                "alpha": 0.3,
+                "T_end": t_end,
+                "ignore_linear_layers": False,
+                "static_topo": False,
+                "sparsity_distribution": "uniform",
+                "grad_accumulation_n": 1,
+            },
+            "step": step,
+            "dst_steps": int(sparse["updates"]),
+            "backward_masks": masks,
+            "_linear_layers_mask": [1, 1, 1],
+        },
+        "torch_rng": torch.get_rng_state(),
+        "np_rng": np.random.RandomState(seed).get_state(),
+        "py_rng": random.Random(seed).getstate(),
+    }
+
+
+def _handoff(args: argparse.Namespace) -> None:
+    from edgetune.sparse.bench.quality_plot import read_curves
+    from edgetune.train.checkpoint import CheckpointManager
+
+    ck = CheckpointManager.load(args.checkpoint)
+    state = official_state(ck.state, epochs=args.epochs, seed=args.seed)
+    run_dir = Path(args.work).expanduser().resolve() / f"e{args.epochs}-s{args.seed}"
+    if (run_dir / "checkpoint.pt").exists():
+        raise SystemExit(f"{run_dir} already holds an official run: give another --work or remove it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Path(args.checkpoint).resolve().parents[1] / "metrics.jsonl"
+    accs = [a for _, a in read_curves(metrics)[0]][: state["next_epoch"]] if metrics.exists() else []
+    if len(accs) != state["next_epoch"]:
+        raise SystemExit(f"{metrics} lacks the test accuracy of the {state['next_epoch']} epochs trained")
+    torch.save(state, run_dir / "checkpoint.pt")
+    (run_dir / "epochs.json").write_text(json.dumps(accs))
+    (run_dir / "log.txt").write_text(f"handoff from edgetune checkpoint {Path(args.checkpoint).resolve()}\n")
+    print(
+        f"{run_dir}: edgetune's state after epoch {state['next_epoch']}; continue it in the official code with "
+        f"`compare_official_cht.py official --src SRC --epochs {args.epochs} --seed {args.seed} --work {args.work}`"
+    )
 
 
 def official_accuracies(run_dir: Path) -> list[float]:
@@ -421,8 +532,20 @@ def main() -> None:
         action="store_true",
         help="report official runs that have not finished their epochs (the title says so; 'last' is the last done)",
     )
+    h = sub.add_parser(
+        "handoff",
+        help="write edgetune's state at an epoch's end as an official run the `official` command continues",
+    )
+    h.add_argument(
+        "--checkpoint", required=True, help="an edgetune checkpoint (.json) of the official-settings recipe"
+    )
+    h.add_argument("--epochs", type=int, default=100, help="the run's planned epochs (both codes' schedules)")
+    h.add_argument(
+        "--seed", type=int, default=0, help="seeds the official code's random streams from here on"
+    )
+    h.add_argument("--work", default="/tmp/cht-handoff")
     a = p.parse_args()
-    _official(a) if a.cmd == "official" else _report(a)
+    {"official": _official, "report": _report, "handoff": _handoff}[a.cmd](a)
 
 
 if __name__ == "__main__":

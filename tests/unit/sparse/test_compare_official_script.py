@@ -189,3 +189,93 @@ def test_report_of_the_official_runs_alone(script: ModuleType, tmp_path: Path) -
     assert "| official | 0, 1 | 0.8000 ± 0.0707 | 0.8000 ± 0.0707 | 0.6900 ± 0.0566 | – |" in md
     assert "edgetune" not in md.split("\n", 1)[0] and "minus official" not in md
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 1 + 2 * 5
+
+
+def _edgetune_state(epoch: int, batch: int = 0, spe: int = 10) -> dict:
+    """An edgetune checkpoint state of a 3-sparse-layer MLP (3 -> 4 -> 4 -> 4, head 4 -> 2)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4, 4), (4, 4)]
+    model, moms = {}, {}
+    for n, (o, i) in enumerate(shapes):
+        links = torch.randperm(o * i, generator=g)[: o + 1].sort().values
+        model[f"layers.{n}.indices"] = torch.stack([links // i, links % i]).int()
+        model[f"layers.{n}.values"] = torch.randn(o + 1, generator=g)
+        model[f"layers.{n}.bias"] = torch.randn(o, generator=g)
+        moms[2 * n] = {"momentum_buffer": torch.randn(o + 1, generator=g)}
+        moms[2 * n + 1] = {"momentum_buffer": torch.randn(o, generator=g)}
+    model["head.weight"], model["head.bias"] = torch.randn(2, 4, generator=g), torch.randn(2, generator=g)
+    moms[6], moms[7] = (
+        {"momentum_buffer": torch.randn(2, 4, generator=g)},
+        {"momentum_buffer": torch.randn(2, generator=g)},
+    )
+    group = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "initial_lr": 0.025, "params": list(range(8))}
+    return {
+        "model": model,
+        "optimizer": {"state": moms, "param_groups": [group]},
+        "loop": {"step": epoch * spe + batch, "epoch": epoch, "batch": batch},
+        "callbacks": {
+            "0:sparse": {
+                "density": 0.01,
+                "updates": epoch,
+                "layers": [[f"layers.{n}", o, i] for n, (o, i) in enumerate(shapes)],
+            }
+        },
+    }
+
+
+def test_handoff_state_is_edgetunes_run_in_the_official_layout(script: ModuleType) -> None:
+    state = _edgetune_state(epoch=5)
+    ck = script.official_state(state, epochs=20, seed=3)
+    assert ck["next_epoch"] == 5
+    for n, name in enumerate(("Linear1", "Linear2", "Linear3")):
+        rows, cols = state["model"][f"layers.{n}.indices"].long()
+        w, mask = ck["model"][f"{name}.weight"], ck["pruner"]["backward_masks"][n]
+        assert torch.equal(w[rows, cols], state["model"][f"layers.{n}.values"])
+        assert int(mask.sum()) == rows.numel() and bool(mask[rows, cols].all()) and not bool(w[~mask].any())
+        mom = ck["optimizer"]["state"][2 * n]["momentum_buffer"]
+        assert torch.equal(mom[rows, cols], state["optimizer"]["state"][2 * n]["momentum_buffer"])
+        assert not bool(mom[~mask].any())  # the official code keeps momentum at 0 off the links
+        assert torch.equal(ck["model"][f"{name}.bias"], state["model"][f"layers.{n}.bias"])
+    assert torch.equal(ck["model"]["last_layer.weight"], state["model"]["head.weight"])
+    assert torch.equal(
+        ck["optimizer"]["state"][7]["momentum_buffer"], state["optimizer"]["state"][7]["momentum_buffer"]
+    )
+    p = ck["pruner"]
+    assert (p["step"], p["dst_steps"], p["N"]) == (50, 5, [12, 16, 16])
+    assert p["hyperparams"]["T_end"] == 0.75 * 20 * 10 and p["hyperparams"]["delta_T"] == 10
+    assert ck["optimizer"]["param_groups"][0]["params"] == list(range(8))
+
+
+@pytest.mark.parametrize(("epoch", "extra"), [(9, 0.05), (10, 0.025), (13, 0.025), (14, 0.0), (18, 0.0)])
+def test_handoff_sparsity_follows_em_s_at_the_saved_step(
+    script: ModuleType, epoch: int, extra: float
+) -> None:
+    # 20 epochs of 10 steps: T_end 150, 6% while step <= 90, 3.5% while step < 140, then the final 1%
+    p = script.official_state(_edgetune_state(epoch=epoch), epochs=20, seed=0)["pruner"]
+    assert p["S"] == [1 - p["dense_allocation"] - extra] * 3
+    assert p["dense_allocation"] == 1 - 0.99  # as run.py computes it from --sparsity
+
+
+def test_handoff_refuses_a_checkpoint_inside_an_epoch(script: ModuleType) -> None:
+    with pytest.raises(SystemExit, match="end of an epoch"):
+        script.official_state(_edgetune_state(epoch=5, batch=3), epochs=20, seed=0)
+
+
+def test_handoff_writes_an_official_run_folder(script: ModuleType, tmp_path: Path) -> None:
+    from edgetune.train.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    path = CheckpointManager(run / "checkpoints").save(30, _edgetune_state(epoch=3), {})
+    rows = [{"kind": "eval", "split": "test", "epoch": e + 1, "acc": 0.5 + e / 10} for e in range(4)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = type("A", (), {"checkpoint": str(path), "epochs": 20, "seed": 1, "work": str(tmp_path / "w")})()
+    script._handoff(args)
+    out = tmp_path / "w" / "e20-s1"
+    assert json.loads((out / "epochs.json").read_text()) == [
+        0.5,
+        0.6,
+        0.7,
+    ]  # the epochs the state has trained
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["next_epoch"] == 3
+    with pytest.raises(SystemExit, match="already holds an official run"):
+        script._handoff(args)
