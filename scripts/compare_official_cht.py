@@ -28,9 +28,9 @@ end (weights, masks, momentum, EM_S position) as an official run folder; the sam
 continues edgetune's state in the official code for the remaining epochs (a paired comparison: one state, two
 codes)::
 
-    .venv/bin/python scripts/compare_official_cht.py handoff \
+    .venv/bin/python scripts/compare_official_cht.py handoff \\
         --checkpoint RUN/checkpoints/step-000138750.json --epochs 100 --seed 1 --work /tmp/cht-handoff
-    .venv/bin/python scripts/compare_official_cht.py official --src /path/to/Cannistraci-Hebb-training \
+    .venv/bin/python scripts/compare_official_cht.py official --src /path/to/Cannistraci-Hebb-training \\
         --epochs 100 --seed 1 --work /tmp/cht-handoff
 
 The official code is NOT part of edgetune; nothing in the library or the tests imports this script.
@@ -218,17 +218,15 @@ def official_state(state: dict, *, epochs: int, seed: int) -> dict:
     model, loop = state["model"], state["loop"]
     sparse = state["callbacks"]["0:sparse"]
     shapes = [(int(o), int(i)) for _, o, i in sparse["layers"]]
-    if len(shapes) != 3 or loop["batch"] != 0:
+    if len(shapes) != 3 or loop["batch"] != 0 or loop["epoch"] < 1:
         raise SystemExit(
             "handoff needs a checkpoint of the 3-sparse-layer MLP saved at the end of an epoch "
             f"(got {len(shapes)} sparse layers, {loop['batch']} batches into epoch {loop['epoch']})"
         )
     steps_per_epoch = loop["step"] // loop["epoch"]
     t_end = 0.75 * epochs * steps_per_epoch  # the official --EM_S T_end, in steps
-    step, dense_allocation = (
-        int(loop["step"]),
-        1 - (1 - float(sparse["density"])),
-    )  # run.py: 1 - args.sparsity
+    step = int(loop["step"])
+    dense_allocation = 1 - (1 - float(sparse["density"]))  # as run.py computes it: 1 - args.sparsity
     extra = 0.05 if step <= 0.6 * t_end else 0.025 if step < t_end - steps_per_epoch else 0.0
     moms = state["optimizer"]["state"]
     out_model, out_moms, masks = {}, {}, []
@@ -246,7 +244,6 @@ def official_state(state: dict, *, epochs: int, seed: int) -> dict:
     out_model["last_layer.weight"], out_model["last_layer.bias"] = model["head.weight"], model["head.bias"]
     out_moms[6], out_moms[7] = moms[6]["momentum_buffer"], moms[7]["momentum_buffer"]
     group = dict(state["optimizer"]["param_groups"][0], params=list(range(8)))  # lr: the official schedule's
-    torch.manual_seed(seed)
     return {
         "next_epoch": int(loop["epoch"]),
         "model": out_model,
@@ -272,23 +269,35 @@ def official_state(state: dict, *, epochs: int, seed: int) -> dict:
             "backward_masks": masks,
             "_linear_layers_mask": [1, 1, 1],
         },
-        "torch_rng": torch.get_rng_state(),
+        "torch_rng": torch.Generator().manual_seed(seed).get_state(),
         "np_rng": np.random.RandomState(seed).get_state(),
         "py_rng": random.Random(seed).getstate(),
     }
 
 
 def _handoff(args: argparse.Namespace) -> None:
+    from edgetune.core.config import load_yaml
     from edgetune.sparse.bench.quality_plot import read_curves
     from edgetune.train.checkpoint import CheckpointManager
 
     ck = CheckpointManager.load(args.checkpoint)
+    run = Path(args.checkpoint).resolve().parents[1]  # the edgetune run folder
+    if (run / "config.yaml").exists() and (
+        planned := load_yaml(run / "config.yaml")["train"]["epochs"]
+    ) != args.epochs:
+        raise SystemExit(
+            f"{run} was planned for {planned} epochs, not --epochs {args.epochs}: both codes' schedules follow it"
+        )
     state = official_state(ck.state, epochs=args.epochs, seed=args.seed)
+    if state["next_epoch"] >= args.epochs:
+        raise SystemExit(
+            f"the checkpoint is at epoch {state['next_epoch']} of {args.epochs}: nothing left to continue"
+        )
     run_dir = Path(args.work).expanduser().resolve() / f"e{args.epochs}-s{args.seed}"
     if (run_dir / "checkpoint.pt").exists():
         raise SystemExit(f"{run_dir} already holds an official run: give another --work or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Path(args.checkpoint).resolve().parents[1] / "metrics.jsonl"
+    metrics = run / "metrics.jsonl"
     accs = [a for _, a in read_curves(metrics)[0]][: state["next_epoch"]] if metrics.exists() else []
     if len(accs) != state["next_epoch"]:
         raise SystemExit(f"{metrics} lacks the test accuracy of the {state['next_epoch']} epochs trained")

@@ -279,3 +279,22 @@ def test_handoff_writes_an_official_run_folder(script: ModuleType, tmp_path: Pat
     assert torch.load(out / "checkpoint.pt", weights_only=False)["next_epoch"] == 3
     with pytest.raises(SystemExit, match="already holds an official run"):
         script._handoff(args)
+
+
+def test_handoff_refuses_another_schedule_or_a_finished_run(script: ModuleType, tmp_path: Path) -> None:
+    from edgetune.train.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    path = CheckpointManager(run / "checkpoints").save(200, _edgetune_state(epoch=20), {})
+    (run / "metrics.jsonl").write_text("")
+
+    def args(epochs: int) -> object:
+        return type(
+            "A", (), {"checkpoint": str(path), "epochs": epochs, "seed": 0, "work": str(tmp_path / "w")}
+        )()
+
+    with pytest.raises(SystemExit, match="nothing left to continue"):
+        script._handoff(args(20))
+    (run / "config.yaml").write_text("train:\n  epochs: 30\n")
+    with pytest.raises(SystemExit, match="planned for 30 epochs, not --epochs 40"):
+        script._handoff(args(40))
