@@ -205,6 +205,13 @@ def _official(args: argparse.Namespace) -> None:
 _OFFICIAL_LAYERS = ("Linear1", "Linear2", "Linear3")
 
 
+def em_s_extra(step: float, t_end: float, interval: float) -> float:
+    """Density above the target that the official ``--EM_S`` update at ``step`` leaves (any unit, e.g. steps
+    or epochs): 0.05 while ``step <= 0.6 T_end``, 0.025 while ``step < T_end - interval``, then 0 (the final
+    update; no update from ``T_end`` on, so it stays 0)."""
+    return 0.05 if step <= 0.6 * t_end else 0.025 if step < t_end - interval else 0.0
+
+
 def official_state(state: dict, *, epochs: int, seed: int) -> dict:
     """An official-code checkpoint (the ``official`` command's format) holding an edgetune run's state.
 
@@ -227,7 +234,7 @@ def official_state(state: dict, *, epochs: int, seed: int) -> dict:
     t_end = 0.75 * epochs * steps_per_epoch  # the official --EM_S T_end, in steps
     step = int(loop["step"])
     dense_allocation = 1 - (1 - float(sparse["density"]))  # as run.py computes it: 1 - args.sparsity
-    extra = 0.05 if step <= 0.6 * t_end else 0.025 if step < t_end - steps_per_epoch else 0.0
+    extra = em_s_extra(step, t_end, steps_per_epoch)
     moms = state["optimizer"]["state"]
     out_model, out_moms, masks = {}, {}, []
     for n, (name, (o, i)) in enumerate(zip(_OFFICIAL_LAYERS, shapes)):
@@ -379,13 +386,10 @@ def em_s_phases(total: int) -> list[tuple[str, int, int]]:
     ``u < T_end - 1``, then 1% for good (no update from ``T_end`` on); epoch 1 trains at the initial 6%.
     """
 
-    def density(e: int) -> str:
-        u, t_end = e - 1, 0.75 * total
-        return "6%" if u <= 0.6 * t_end else "3.5%" if u < t_end - 1 else "1%"
-
+    label = {0.05: "6%", 0.025: "3.5%", 0.0: "1%"}
     phases: list[tuple[str, int, int]] = []
     for e in range(1, total + 1):
-        d = density(e)
+        d = label[em_s_extra(e - 1, 0.75 * total, 1)]
         if phases and phases[-1][0] == d:
             phases[-1] = (d, phases[-1][1], e)
         else:
