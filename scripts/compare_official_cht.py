@@ -26,7 +26,8 @@ per-epoch learning rate, so both decay the learning rate the same way::
 To tell which phase of a run two codes part in, ``handoff`` writes an edgetune checkpoint taken at an epoch's
 end (weights, masks, momentum, EM_S position) as an official run folder; the same ``official`` command then
 continues edgetune's state in the official code for the remaining epochs (a paired comparison: one state, two
-codes)::
+codes; ``report`` on that folder with ``--edgetune`` at the run the checkpoint came from adds the mean of each code
+over the epochs after the handoff)::
 
     .venv/bin/python scripts/compare_official_cht.py handoff \\
         --checkpoint RUN/checkpoints/step-000138750.json --epochs 100 --seed 1 --work /tmp/cht-handoff
@@ -311,10 +312,51 @@ def _handoff(args: argparse.Namespace) -> None:
     torch.save(state, run_dir / "checkpoint.pt")
     (run_dir / "epochs.json").write_text(json.dumps(accs))
     (run_dir / "log.txt").write_text(f"handoff from edgetune checkpoint {Path(args.checkpoint).resolve()}\n")
+    marker = {"checkpoint": str(Path(args.checkpoint).resolve()), "epoch": state["next_epoch"]}
+    (run_dir / HANDOFF).write_text(json.dumps(marker))
     print(
         f"{run_dir}: edgetune's state after epoch {state['next_epoch']}; continue it in the official code with "
         f"`compare_official_cht.py official --src SRC --epochs {args.epochs} --seed {args.seed} --work {args.work}`"
     )
+
+
+HANDOFF = "handoff.json"  # in an official run folder that `handoff` wrote: the edgetune epoch it starts from
+
+
+def handoff_epoch(run_dir: Path) -> int | None:
+    """The epoch after which an official run continues edgetune's state (None: the official code's own run)."""
+    marker = run_dir / HANDOFF
+    return int(json.loads(marker.read_text())["epoch"]) if marker.exists() else None
+
+
+def _handoff_lines(
+    sides: dict[str, dict[int, list[float]]], official_dirs: dict[int, Path], n: int
+) -> list[str]:
+    """Paired figures of handoff runs: the epochs after the handoff, the official code's and edgetune's own from
+    the same state (before it, the official side's epochs are edgetune's and equal by construction)."""
+    handed = {s: k for s, d in official_dirs.items() if (k := handoff_epoch(d)) is not None and k < n}
+    if not handed:
+        return []
+    own = sides.get("edgetune", {})
+    lines = [
+        "",
+        (
+            "Handoff runs: the official code continues edgetune's state after epoch K (`handoff`); epochs 1-K on "
+            f"the official side are edgetune's. Mean test accuracy over epochs K+1 to {n}, each code from the "
+            "same state:"
+        ),
+        "",
+        "| seed | K | official | edgetune | edgetune minus official |",
+        "|---|---|---|---|---|",
+    ]
+    for s, k in sorted(handed.items()):
+        off = statistics.mean(sides["official"][s][k:n])
+        if s in own:
+            et = statistics.mean(own[s][k:n])
+            lines.append(f"| {s} | {k} | {off:.4f} | {et:.4f} | {(et - off) * 100:+.2f} points |")
+        else:
+            lines.append(f"| {s} | {k} | {off:.4f} | – | – |")
+    return lines
 
 
 def official_accuracies(run_dir: Path) -> list[float]:
@@ -480,6 +522,7 @@ def _report(args: argparse.Namespace) -> None:
             f"{_stats(list(active[code].values()))} |"
         )
     lines += _phase_lines(sides, total, n)
+    lines += _handoff_lines(sides, official_dirs, n)
     if common := sorted(set(official) & set(sides.get("edgetune", {}))):
         diffs = [
             sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)

@@ -191,6 +191,26 @@ def test_report_of_the_official_runs_alone(script: ModuleType, tmp_path: Path) -
     assert len((tmp_path / "o.csv").read_text().splitlines()) == 1 + 2 * 5
 
 
+def test_report_pairs_a_handoff_run_with_edgetune_after_the_handoff(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    # seed 1 continues edgetune's state after epoch 3: its epochs 1-3 are edgetune's, 4-5 the official code's
+    _official_log(tmp_path, "e5-s1", [0.5, 0.6, 0.7, 0.80, 0.84])
+    (tmp_path / "official" / "e5-s1" / script.HANDOFF).write_text(json.dumps({"checkpoint": "c", "epoch": 3}))
+    _official_log(tmp_path, "e5-s0", [0.5, 0.6, 0.7, 0.7, 0.7])  # the official code's own run: no pairing
+    for seed, accs in {0: [0.5] * 5, 1: [0.5, 0.6, 0.7, 0.83, 0.85]}.items():
+        e = tmp_path / "edgetune" / f"x-e5-chts-s{seed}"
+        e.mkdir(parents=True)
+        rows = [{"kind": "eval", "split": "test", "acc": a, "epoch": i + 1} for i, a in enumerate(accs)]
+        (e / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    script._report(_args(tmp_path))
+    md = (tmp_path / "o.md").read_text()
+    assert "Mean test accuracy over epochs K+1 to 5" in md
+    assert "| 1 | 3 | 0.8200 | 0.8400 | +2.00 points |" in md
+    assert "| 0 |" not in md.split("Handoff runs")[1]
+    assert script.handoff_epoch(tmp_path / "official" / "e5-s0") is None
+
+
 def _edgetune_state(epoch: int, batch: int = 0, spe: int = 10) -> dict:
     """An edgetune checkpoint state of a 3-sparse-layer MLP (3 -> 4 -> 4 -> 4, head 4 -> 2)."""
     g = torch.Generator().manual_seed(0)
@@ -277,6 +297,7 @@ def test_handoff_writes_an_official_run_folder(script: ModuleType, tmp_path: Pat
         0.7,
     ]  # the epochs the state has trained
     assert torch.load(out / "checkpoint.pt", weights_only=False)["next_epoch"] == 3
+    assert script.handoff_epoch(out) == 3  # the report pairs the epochs after it
     with pytest.raises(SystemExit, match="already holds an official run"):
         script._handoff(args)
 
