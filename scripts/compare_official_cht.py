@@ -320,43 +320,144 @@ def _handoff(args: argparse.Namespace) -> None:
     )
 
 
-HANDOFF = "handoff.json"  # in an official run folder that `handoff` wrote: the edgetune epoch it starts from
+def edgetune_state(official: dict, template: dict) -> dict:
+    """An edgetune checkpoint state holding an official run's state: the reverse of :func:`official_state`.
+
+    ``official`` is a checkpoint of the ``official`` command (saved at an epoch's end); ``template`` an edgetune
+    checkpoint state of ``sparse/fmnist-mlp-1pct-official`` at the end of the same epoch, planned for the same
+    epochs. The sparse layers' links, weights and momentum, the biases and the head (and their momentum) become
+    the official run's; the loop position, learning-rate schedule, random streams and method state stay the
+    template's, so edgetune continues with its own data order from the official code's network.
+    """
+    import copy
+
+    state = copy.deepcopy(template)
+    loop, sparse = state["loop"], state["callbacks"]["0:sparse"]
+    shapes = [(int(o), int(i)) for _, o, i in sparse["layers"]]
+    if len(shapes) != 3 or loop["batch"] != 0 or int(loop["epoch"]) != int(official["next_epoch"]):
+        raise SystemExit(
+            f"the template must be edgetune's checkpoint of the 3-sparse-layer MLP at the end of epoch "
+            f"{official['next_epoch']} (the official checkpoint's); got {len(shapes)} sparse layers, "
+            f"{loop['batch']} batches into epoch {loop['epoch']}"
+        )
+    if int(official["pruner"]["dst_steps"]) != int(sparse["updates"]):
+        raise SystemExit(
+            f"the official run made {official['pruner']['dst_steps']} topology updates by epoch "
+            f"{official['next_epoch']}, the template {sparse['updates']}: both codes must stand at the same "
+            "point of the EM_S schedule"
+        )
+    model, moms = state["model"], state["optimizer"]["state"]
+    src, src_moms = official["model"], official["optimizer"]["state"]
+    for n, (name, (o, i)) in enumerate(zip(_OFFICIAL_LAYERS, shapes)):
+        mask = official["pruner"]["backward_masks"][n].bool()
+        if tuple(mask.shape) != (o, i):
+            raise SystemExit(f"official layer {name} is {tuple(mask.shape)}, edgetune's layers.{n} {(o, i)}")
+        idx = mask.nonzero().t()  # row-major, the layer's order
+        rows, cols = idx
+        model[f"layers.{n}.indices"] = idx.to(model[f"layers.{n}.indices"].dtype)
+        model[f"layers.{n}.values"] = src[f"{name}.weight"][rows, cols].float().clone()
+        model[f"layers.{n}.bias"] = src[f"{name}.bias"].float().clone()
+        moms[2 * n]["momentum_buffer"] = src_moms[2 * n]["momentum_buffer"][rows, cols].float().clone()
+        moms[2 * n + 1]["momentum_buffer"] = src_moms[2 * n + 1]["momentum_buffer"].float().clone()
+    model["head.weight"], model["head.bias"] = (
+        src["last_layer.weight"].clone(),
+        src["last_layer.bias"].clone(),
+    )
+    moms[6]["momentum_buffer"] = src_moms[6]["momentum_buffer"].clone()
+    moms[7]["momentum_buffer"] = src_moms[7]["momentum_buffer"].clone()
+    return state
+
+
+def _adopt(args: argparse.Namespace) -> None:
+    from edgetune.core.config import load_yaml
+    from edgetune.train.checkpoint import CheckpointManager
+
+    official_dir = Path(args.official).expanduser().resolve()
+    m = re.fullmatch(r"e(\d+)-s(\d+)", official_dir.name)
+    if not m:
+        raise SystemExit(
+            f"--official {official_dir} is not a run folder of the `official` command (e<epochs>-s<seed>)"
+        )
+    planned = int(m[1])
+    ck_path = Path(args.checkpoint) if args.checkpoint else official_dir / "checkpoint.pt"
+    official = torch.load(ck_path, map_location="cpu", weights_only=False)
+    k = int(official["next_epoch"])
+    accs = official_accuracies(official_dir)[:k]
+    if len(accs) != k:
+        raise SystemExit(
+            f"{official_dir} lacks the test accuracy of the {k} epochs its checkpoint has trained"
+        )
+    tpl = CheckpointManager.load(args.template)
+    tpl_run = Path(args.template).resolve().parents[1]
+    cfg_text = (tpl_run / "config.yaml").read_text()
+    if (tpl_epochs := load_yaml(tpl_run / "config.yaml")["train"]["epochs"]) != planned:
+        raise SystemExit(f"{tpl_run} was planned for {tpl_epochs} epochs, the official run for {planned}")
+    state = edgetune_state(official, tpl.state)
+    out = Path(args.out).expanduser().resolve()
+    if out.exists():
+        raise SystemExit(f"{out} exists: give a new folder")
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text(cfg_text)
+    # the records written before the checkpoint (the loop truncates to them on resume), with the official
+    # run's test accuracies for the epochs it trained
+    rows = [json.loads(x) for x in (tpl_run / "metrics.jsonl").read_text().splitlines()][
+        : state["loop"]["records"]
+    ]
+    for r in rows:
+        if r.get("kind") == "eval" and r.get("split") == "test" and "acc" in r and r.get("epoch", k + 1) <= k:
+            r["acc"] = accs[int(r["epoch"]) - 1]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    CheckpointManager(out / "checkpoints").save(tpl.step, state, tpl.fingerprint)
+    (out / HANDOFF).write_text(json.dumps({"checkpoint": str(ck_path.resolve()), "epoch": k}))
+    print(f"{out}: the official run's state after epoch {k}; continue it with `edgetune run --resume {out}`")
+
+
+HANDOFF = "handoff.json"  # in a run folder `handoff` or `adopt` wrote: the other code's epoch it starts from
 
 
 def handoff_epoch(run_dir: Path) -> int | None:
-    """The epoch after which an official run continues edgetune's state (None: the official code's own run)."""
+    """The epoch after which a run continues the other code's state (None: the code's own run from the start)."""
     marker = run_dir / HANDOFF
     return int(json.loads(marker.read_text())["epoch"]) if marker.exists() else None
 
 
 def _handoff_lines(
-    sides: dict[str, dict[int, list[float]]], official_dirs: dict[int, Path], n: int
+    sides: dict[str, dict[int, list[float]]], dirs: dict[str, dict[int, Path]], n: int
 ) -> list[str]:
-    """Paired figures of handoff runs: the epochs after the handoff, the official code's and edgetune's own from
-    the same state (before it, the official side's epochs are edgetune's and equal by construction)."""
-    handed = {s: k for s, d in official_dirs.items() if (k := handoff_epoch(d)) is not None and k < n}
-    if not handed:
+    """Paired figures of runs that continue the other code's state after epoch K (``handoff``: the official code
+    from edgetune's, ``adopt``: edgetune from the official code's): the mean over epochs K+1 to n of that run and
+    of the run the state came from (before K the two are equal by construction)."""
+    rows = []
+    for code, other in (("official", "edgetune"), ("edgetune", "official")):
+        for s, d in sorted(dirs.get(code, {}).items()):
+            if (k := handoff_epoch(d)) is None or k >= n:
+                continue
+            cont = statistics.mean(sides[code][s][k:n])
+            if s in sides.get(other, {}):
+                own = statistics.mean(sides[other][s][k:n])
+                off, et = (cont, own) if code == "official" else (own, cont)
+                rows.append(
+                    f"| {code} from {other}'s | {s} | {k} | {off:.4f} | {et:.4f} | {(et - off) * 100:+.2f} |"
+                )
+            else:
+                rows.append(
+                    f"| {code} from {other}'s | {s} | {k} | {cont:.4f} | – | – |"
+                    if code == "official"
+                    else f"| {code} from {other}'s | {s} | {k} | – | {cont:.4f} | – |"
+                )
+    if not rows:
         return []
-    own = sides.get("edgetune", {})
-    lines = [
+    return [
         "",
         (
-            "Handoff runs: the official code continues edgetune's state after epoch K (`handoff`); epochs 1-K on "
-            f"the official side are edgetune's. Mean test accuracy over epochs K+1 to {n}, each code from the "
-            "same state:"
+            "Paired runs: one code continues the other's state after epoch K (`handoff`, `adopt`); its epochs 1-K "
+            f"are the other code's. Mean test accuracy over epochs K+1 to {n}, each code from the same state:"
         ),
         "",
-        "| seed | K | official | edgetune | edgetune minus official |",
-        "|---|---|---|---|---|",
+        "| state | seed | K | official | edgetune | edgetune minus official (points) |",
+        "|---|---|---|---|---|---|",
+        *rows,
     ]
-    for s, k in sorted(handed.items()):
-        off = statistics.mean(sides["official"][s][k:n])
-        if s in own:
-            et = statistics.mean(own[s][k:n])
-            lines.append(f"| {s} | {k} | {off:.4f} | {et:.4f} | {(et - off) * 100:+.2f} points |")
-        else:
-            lines.append(f"| {s} | {k} | {off:.4f} | – | – |")
-    return lines
 
 
 def official_accuracies(run_dir: Path) -> list[float]:
@@ -480,8 +581,12 @@ def _report(args: argparse.Namespace) -> None:
             )
     sides = {"official": official}
     edgetune_active: dict[int, float] = {}
+    edgetune_dirs: dict[int, Path] = {}
     if args.edgetune:  # without it, the official runs alone
         sides["edgetune"], edgetune_active = _edgetune_runs(Path(args.edgetune))
+        edgetune_dirs = {
+            _seed(f.parent.name): f.parent for f in sorted(Path(args.edgetune).glob("*/metrics.jsonl"))
+        }
     epochs = {len(a) for runs in sides.values() for a in runs.values()}
     if len(epochs) != 1:
         raise SystemExit(
@@ -522,7 +627,7 @@ def _report(args: argparse.Namespace) -> None:
             f"{_stats(list(active[code].values()))} |"
         )
     lines += _phase_lines(sides, total, n)
-    lines += _handoff_lines(sides, official_dirs, n)
+    lines += _handoff_lines(sides, {"official": official_dirs, "edgetune": edgetune_dirs}, n)
     if common := sorted(set(official) & set(sides.get("edgetune", {}))):
         diffs = [
             sum(sides["edgetune"][s][e] - official[s][e] for s in common) / len(common) for e in range(n)
@@ -600,8 +705,22 @@ def main() -> None:
         "--seed", type=int, default=0, help="seeds the official code's random streams from here on"
     )
     h.add_argument("--work", default="/tmp/cht-handoff")
+    ad = sub.add_parser(
+        "adopt",
+        help="write an official run's state at an epoch's end as an edgetune run folder `edgetune run --resume` continues",
+    )
+    ad.add_argument("--official", required=True, help="the official run folder (e<epochs>-s<seed>)")
+    ad.add_argument(
+        "--checkpoint", help="an official checkpoint kept from that run (default: its checkpoint.pt)"
+    )
+    ad.add_argument(
+        "--template",
+        required=True,
+        help="edgetune's checkpoint (.json) of the official-settings recipe at the end of the same epoch",
+    )
+    ad.add_argument("--out", required=True, help="the new edgetune run folder (name it <anything>-s<seed>)")
     a = p.parse_args()
-    {"official": _official, "report": _report, "handoff": _handoff}[a.cmd](a)
+    {"official": _official, "report": _report, "handoff": _handoff, "adopt": _adopt}[a.cmd](a)
 
 
 if __name__ == "__main__":

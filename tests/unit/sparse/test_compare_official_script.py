@@ -206,8 +206,8 @@ def test_report_pairs_a_handoff_run_with_edgetune_after_the_handoff(
     script._report(_args(tmp_path))
     md = (tmp_path / "o.md").read_text()
     assert "Mean test accuracy over epochs K+1 to 5" in md
-    assert "| 1 | 3 | 0.8200 | 0.8400 | +2.00 points |" in md
-    assert "| 0 |" not in md.split("Handoff runs")[1]
+    assert "| official from edgetune's | 1 | 3 | 0.8200 | 0.8400 | +2.00 |" in md
+    assert "| 0 |" not in md.split("Paired runs")[1]
     assert script.handoff_epoch(tmp_path / "official" / "e5-s0") is None
 
 
@@ -319,3 +319,133 @@ def test_handoff_refuses_another_schedule_or_a_finished_run(script: ModuleType, 
     (run / "config.yaml").write_text("train:\n  epochs: 30\n")
     with pytest.raises(SystemExit, match="planned for 30 epochs, not --epochs 40"):
         script._handoff(args(40))
+
+
+def _official_ck(script: ModuleType, epoch: int) -> dict:
+    """An official checkpoint whose network differs from the template's: another edgetune state converted."""
+    other = _edgetune_state(epoch=epoch)
+    for n in range(3):  # another topology and other weights
+        other["model"][f"layers.{n}.indices"] = torch.stack([torch.arange(4), torch.arange(4) % 3]).int()
+        other["model"][f"layers.{n}.values"] = torch.full((4,), 0.5 + n)
+        other["optimizer"]["state"][2 * n]["momentum_buffer"] = torch.full((4,), -1.0 - n)
+    return script.official_state(other, epochs=20, seed=0)
+
+
+def test_adopt_round_trips_the_handoff(script: ModuleType) -> None:
+    # edgetune -> official -> edgetune gives back every tensor exactly
+    state = _edgetune_state(epoch=5)
+    back = script.edgetune_state(script.official_state(state, epochs=20, seed=0), state)
+    for k, v in state["model"].items():
+        assert torch.equal(back["model"][k], v), k
+    for i in range(8):
+        assert torch.equal(
+            back["optimizer"]["state"][i]["momentum_buffer"],
+            state["optimizer"]["state"][i]["momentum_buffer"],
+        )
+
+
+def test_adopt_takes_the_official_network_and_keeps_edgetunes_position(script: ModuleType) -> None:
+    template = _edgetune_state(epoch=5)
+    got = script.edgetune_state(_official_ck(script, 5), template)
+    for n in range(3):
+        idx = got["model"][f"layers.{n}.indices"]
+        assert idx.dtype == torch.int32 and idx.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0]]  # row-major
+        assert torch.equal(got["model"][f"layers.{n}.values"], torch.full((4,), 0.5 + n))
+        assert torch.equal(got["optimizer"]["state"][2 * n]["momentum_buffer"], torch.full((4,), -1.0 - n))
+    assert got["loop"] == template["loop"] and got["callbacks"] == template["callbacks"]
+    assert template["model"]["layers.0.values"].numel() == 5  # the template itself is left as it was
+
+
+def test_adopt_refuses_a_template_at_another_point(script: ModuleType) -> None:
+    with pytest.raises(SystemExit, match="end of epoch 5"):
+        script.edgetune_state(_official_ck(script, 5), _edgetune_state(epoch=6))
+    with pytest.raises(SystemExit, match="end of epoch 5"):
+        script.edgetune_state(_official_ck(script, 5), _edgetune_state(epoch=5, batch=2))
+    template = _edgetune_state(epoch=5)
+    template["callbacks"]["0:sparse"]["updates"] = 4
+    with pytest.raises(SystemExit, match="made 5 topology updates by epoch 5, the template 4"):
+        script.edgetune_state(_official_ck(script, 5), template)
+
+
+def test_adopt_writes_an_edgetune_run_folder_the_report_pairs(script: ModuleType, tmp_path: Path) -> None:
+    from edgetune.train.checkpoint import CheckpointManager
+
+    run = tmp_path / "et-own" / "x-e20-chts-s1"  # edgetune's own run: the template's folder
+    path = CheckpointManager(run / "checkpoints").save(
+        30,
+        dict(_edgetune_state(epoch=3), loop={"step": 30, "epoch": 3, "batch": 0, "records": 4}),
+        {"layers.0.values": ["dynamic:1", "float32"]},
+    )
+    own = [0.5, 0.6, 0.7] + [0.80] * 17
+    rows = [{"kind": "eval", "split": "test", "epoch": e + 1, "acc": a} for e, a in enumerate(own)]
+    rows.insert(1, {"kind": "train", "epoch": 1, "acc": 0.1})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (run / "config.yaml").write_text("train:\n  epochs: 20\n")
+    official = [0.55, 0.65, 0.75] + [0.78] * 17
+    _official_log(tmp_path, "e20-s1", official)
+    torch.save(_official_ck(script, 3), tmp_path / "official" / "e20-s1" / "checkpoint.pt")
+    out = tmp_path / "adopted" / "y-e20-chts-s1"
+    args = type(
+        "A",
+        (),
+        {
+            "official": str(tmp_path / "official" / "e20-s1"),
+            "checkpoint": None,
+            "template": str(path),
+            "out": str(out),
+        },
+    )()
+    script._adopt(args)
+    ck = CheckpointManager.load(CheckpointManager(out / "checkpoints").latest())
+    assert ck.step == 30 and torch.equal(ck.state["model"]["layers.2.values"], torch.full((4,), 2.5))
+    assert ck.fingerprint == {"layers.0.values": ["dynamic:1", "float32"]}
+    written = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # the 4 records before the checkpoint; the test accuracies of epochs 1-3 are the official run's
+    assert [r["acc"] for r in written] == [0.55, 0.1, 0.65, 0.75]
+    assert (out / "config.yaml").read_text() == "train:\n  epochs: 20\n"
+    assert script.handoff_epoch(out) == 3
+    with pytest.raises(SystemExit, match="exists"):
+        script._adopt(args)
+    # edgetune continued it (epochs 4-20): the report pairs it with the official run after epoch 3
+    rows = [
+        {"kind": "eval", "split": "test", "epoch": e + 1, "acc": a}
+        for e, a in enumerate(official[:3] + [0.79] * 17)
+    ]
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    script._report(
+        type(
+            "A",
+            (),
+            {
+                "official": str(tmp_path / "official"),
+                "edgetune": str(tmp_path / "adopted"),
+                "out": str(tmp_path / "o"),
+                "partial": False,
+            },
+        )()
+    )
+    md = (tmp_path / "o.md").read_text()
+    assert "| edgetune from official's | 1 | 3 | 0.7800 | 0.7900 | +1.00 |" in md
+
+
+def test_adopt_refuses_an_official_run_of_another_length(script: ModuleType, tmp_path: Path) -> None:
+    from edgetune.train.checkpoint import CheckpointManager
+
+    run = tmp_path / "run"
+    path = CheckpointManager(run / "checkpoints").save(30, _edgetune_state(epoch=3), {})
+    (run / "config.yaml").write_text("train:\n  epochs: 30\n")
+    _official_log(tmp_path, "e20-s1", [0.5, 0.6, 0.7])
+    torch.save(_official_ck(script, 3), tmp_path / "official" / "e20-s1" / "checkpoint.pt")
+    args = type(
+        "A",
+        (),
+        {
+            "official": str(tmp_path / "official" / "e20-s1"),
+            "checkpoint": None,
+            "template": str(path),
+            "out": str(tmp_path / "out"),
+        },
+    )()
+    with pytest.raises(SystemExit, match="planned for 30 epochs, the official run for 20"):
+        script._adopt(args)
+    assert not (tmp_path / "out").exists()
