@@ -287,8 +287,8 @@ class Trainer:
                 self.metrics.truncate_to(self.records)
         elif self.metrics is not None:  # a checkpoint from before the count was kept
             self.metrics.truncate_after(int(loop["step"]))
-        log.info("resumed from %s at step %d (session %d, epoch %d)", ck.path, loop["step"], self._resume_session,
-                 loop["epoch"])
+        log.info("resumed from %s at step %d (session %d, epoch %d)", ck.path, loop["step"],
+                 int(loop.get("session", 0)), loop["epoch"])  # _resume_session is -1 once the position is restored
         return True
 
     def clear_log(self) -> None:

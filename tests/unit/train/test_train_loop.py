@@ -118,7 +118,7 @@ def test_the_loop_steps_a_per_epoch_schedule_by_epoch():
     assert rec.lrs == pytest.approx([0.1] * 8 + [0.1 * 0.505] * 8 + [0.1 * 0.01] * 16)
 
 
-def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path):
+def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path, caplog):
     full = Trainer(make_model(), blobs(), cfg(), test=blobs(64, 1), run_dir=tmp_path / "a", seed=3)
     full.fit()
     ref = {k: v.clone() for k, v in full.model.state_dict().items()}
@@ -140,7 +140,9 @@ def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path):
     torch.manual_seed(123)  # disturb the global RNG: resume must restore it
     again = Trainer(make_model(), blobs(), cfg(), test=blobs(64, 1), run_dir=tmp_path / "b", seed=3,
                     callbacks=[Callback()])
-    assert again.resume()
+    with caplog.at_level("INFO", logger="edgetune.train.loop"):
+        assert again.resume()
+    assert "at step 10 (session 0, " in caplog.text  # the session the checkpoint was taken in
     assert again.state.step == 10
     assert again.earlier_time_s > 0  # the time the crashed process trained, carried by the checkpoint
     out = again.fit()
