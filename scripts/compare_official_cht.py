@@ -432,19 +432,10 @@ def _handoff_lines(
         for s, d in sorted(dirs.get(code, {}).items()):
             if (k := handoff_epoch(d)) is None or k >= n:
                 continue
-            cont = statistics.mean(sides[code][s][k:n])
-            if s in sides.get(other, {}):
-                own = statistics.mean(sides[other][s][k:n])
-                off, et = (cont, own) if code == "official" else (own, cont)
-                rows.append(
-                    f"| {code} from {other}'s | {s} | {k} | {off:.4f} | {et:.4f} | {(et - off) * 100:+.2f} |"
-                )
-            else:
-                rows.append(
-                    f"| {code} from {other}'s | {s} | {k} | {cont:.4f} | – | – |"
-                    if code == "official"
-                    else f"| {code} from {other}'s | {s} | {k} | – | {cont:.4f} | – |"
-                )
+            means = {c: statistics.mean(sides[c][s][k:n]) for c in (code, other) if s in sides.get(c, {})}
+            cells = [f"{means[c]:.4f}" if c in means else "–" for c in ("official", "edgetune")]
+            diff = f"{(means['edgetune'] - means['official']) * 100:+.2f}" if len(means) == 2 else "–"
+            rows.append(f"| {code} from {other}'s | {s} | {k} | {' | '.join(cells)} | {diff} |")
     if not rows:
         return []
     return [

@@ -208,6 +208,10 @@ def test_report_pairs_a_handoff_run_with_edgetune_after_the_handoff(
     assert "Mean test accuracy over epochs K+1 to 5" in md
     assert "| official from edgetune's | 1 | 3 | 0.8200 | 0.8400 | +2.00 |" in md
     assert "| 0 |" not in md.split("Paired runs")[1]
+    # a handoff run whose edgetune run is not in the report: its own mean, no pair
+    (tmp_path / "edgetune" / "x-e5-chts-s1" / "metrics.jsonl").rename(tmp_path / "gone.jsonl")
+    script._report(_args(tmp_path))
+    assert "| official from edgetune's | 1 | 3 | 0.8200 | – | – |" in (tmp_path / "o.md").read_text()
     assert script.handoff_epoch(tmp_path / "official" / "e5-s0") is None
 
 
