@@ -34,6 +34,17 @@ over the epochs after the handoff)::
     .venv/bin/python scripts/compare_official_cht.py official --src /path/to/Cannistraci-Hebb-training \\
         --epochs 100 --seed 1 --work /tmp/cht-handoff
 
+``adopt`` is the other way: an official checkpoint taken at an epoch's end (the ``official`` command keeps only
+the newest, ``RUN/checkpoint.pt``; copy it at the epoch wanted) becomes an edgetune run folder that continues the
+official code's network with edgetune's loop position, schedule and data order from edgetune's checkpoint at the
+same epoch::
+
+    .venv/bin/python scripts/compare_official_cht.py adopt --official /tmp/cht-official/e100-s1 \
+        --checkpoint /tmp/e40.pt --template RUN/checkpoints/step-000075000.json --out /tmp/cht-adopt/a-e100-chts-s1
+    .venv/bin/edgetune run --resume /tmp/cht-adopt/a-e100-chts-s1
+    .venv/bin/python scripts/compare_official_cht.py report --official /tmp/cht-official --edgetune /tmp/cht-adopt \
+        --out /tmp/adopt-report
+
 The official code is NOT part of edgetune; nothing in the library or the tests imports this script.
 """
 
