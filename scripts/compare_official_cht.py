@@ -589,6 +589,12 @@ def _report(args: argparse.Namespace) -> None:
         edgetune_dirs = {
             _seed(f.parent.name): f.parent for f in sorted(Path(args.edgetune).glob("*/metrics.jsonl"))
         }
+    if args.partial:  # every run cut to the epochs the least advanced official run has done
+        done = min(len(a) for a in official.values())
+        if any(len(a) > done for a in sides.get("edgetune", {}).values()):
+            edgetune_active = {}  # counted at the end of edgetune's runs, not at the epoch they are cut to
+        sides = {c: {s: a[:done] for s, a in runs.items()} for c, runs in sides.items()}
+        official = sides["official"]
     epochs = {len(a) for runs in sides.values() for a in runs.values()}
     if len(epochs) != 1:
         raise SystemExit(
@@ -693,7 +699,10 @@ def main() -> None:
     r.add_argument(
         "--partial",
         action="store_true",
-        help="report official runs that have not finished their epochs (the title says so; 'last' is the last done)",
+        help=(
+            "report official runs that have not finished their epochs, every run cut to the epochs the least "
+            "advanced one has done (the title says so; 'last' is the last done)"
+        ),
     )
     h = sub.add_parser(
         "handoff",

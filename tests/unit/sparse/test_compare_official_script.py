@@ -104,7 +104,11 @@ def test_report_compares_last_and_official_best_epochs(script: ModuleType, tmp_p
         rows += [{"kind": "method", "sparse_active_neurons": 0.2 + 0.1 * seed, "epoch": 8}]
         (e / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "res" / "side"
-    script._report(type("A", (), {"official": str(official), "edgetune": str(edgetune), "out": str(out)})())
+    script._report(
+        type(
+            "A", (), {"official": str(official), "edgetune": str(edgetune), "out": str(out), "partial": False}
+        )()
+    )
     md = out.with_suffix(".md").read_text()
     assert "| official | 0, 1 | 0.8600 ± 0.0141 | 0.8600 ± 0.0141 | 0.7788 ± 0.0106 | 0.9583 ± 0.0589 |" in md
     assert "| edgetune | 0, 1 | 0.8700 ± 0.0141 | 0.8700 ± 0.0141 | 0.7888 ± 0.0106 | 0.2500 ± 0.0707 |" in md
@@ -162,6 +166,25 @@ def test_partial_report_keeps_the_planned_schedule(script: ModuleType, tmp_path:
     # EM_S phases of 12 epochs: 6% epochs 1-6, 3.5% 7-8, 1% 9-12, cut at the 11 epochs done
     assert "| code | 6% (epochs 1-6) | 3.5% (epochs 7-8) | 1% (epochs 9-11) |" in md
     assert "| official | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.7800 ± 0.0000 |" in md
+
+
+def test_partial_report_cuts_every_run_to_the_official_epochs_done(
+    script: ModuleType, tmp_path: Path
+) -> None:
+    _official_log(tmp_path, "e12-s1", [0.5] * 7)  # 7 of 12 epochs done
+    e = tmp_path / "edgetune" / "x-e12-chts-s1"
+    e.mkdir(parents=True)
+    rows = [{"kind": "eval", "split": "test", "epoch": i + 1, "acc": 0.6} for i in range(12)]
+    rows.append({"kind": "method", "sparse_active_neurons": 0.3, "epoch": 12})
+    (e / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(SystemExit, match="of its 12 epochs"):
+        script._report(_args(tmp_path))
+    script._report(_args(tmp_path, partial=True))
+    md = (tmp_path / "o.md").read_text()
+    assert "(unfinished: epochs 1-7 of 12)" in md
+    assert "| edgetune | 1 | 0.6000 ± 0.0000 | – | 0.6000 ± 0.0000 | – |" in md  # no end-of-run neuron count
+    assert md.count("+10.00") == 7  # epoch by epoch, the 7 epochs both have
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 1 + 2 * 7
 
 
 @pytest.mark.parametrize("total", [8, 12, 20, 100])
