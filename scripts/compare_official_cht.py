@@ -215,6 +215,7 @@ def _official(args: argparse.Namespace) -> None:
 
 
 _OFFICIAL_LAYERS = ("Linear1", "Linear2", "Linear3")
+HANDOFF = "handoff.json"  # in a run folder `handoff` or `adopt` wrote: the other code's epoch it starts from
 
 
 def em_s_extra(step: float, t_end: float, interval: float) -> float:
@@ -381,6 +382,7 @@ def edgetune_state(official: dict, template: dict) -> dict:
 
 def _adopt(args: argparse.Namespace) -> None:
     from edgetune.core.config import load_yaml
+    from edgetune.core.errors import CheckpointError
     from edgetune.train.checkpoint import CheckpointManager
 
     official_dir = Path(args.official).expanduser().resolve()
@@ -391,6 +393,10 @@ def _adopt(args: argparse.Namespace) -> None:
         )
     planned = int(m[1])
     ck_path = Path(args.checkpoint) if args.checkpoint else official_dir / "checkpoint.pt"
+    if not ck_path.is_file():
+        raise SystemExit(
+            f"no official checkpoint {ck_path}: give --checkpoint, a copy kept at the epoch wanted"
+        )
     official = torch.load(ck_path, map_location="cpu", weights_only=False)
     k = int(official["next_epoch"])
     accs = official_accuracies(official_dir)[:k]
@@ -398,8 +404,15 @@ def _adopt(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"{official_dir} lacks the test accuracy of the {k} epochs its checkpoint has trained"
         )
-    tpl = CheckpointManager.load(args.template)
+    try:
+        tpl = CheckpointManager.load(args.template)
+    except CheckpointError as err:
+        raise SystemExit(f"--template: {err}") from None
     tpl_run = Path(args.template).resolve().parents[1]
+    if not (tpl_run / "config.yaml").is_file() or not (tpl_run / "metrics.jsonl").is_file():
+        raise SystemExit(
+            f"{tpl_run} is not an edgetune run folder (config.yaml, metrics.jsonl): the template's run"
+        )
     cfg_text = (tpl_run / "config.yaml").read_text()
     if (tpl_epochs := load_yaml(tpl_run / "config.yaml")["train"]["epochs"]) != planned:
         raise SystemExit(f"{tpl_run} was planned for {tpl_epochs} epochs, the official run for {planned}")
@@ -421,9 +434,6 @@ def _adopt(args: argparse.Namespace) -> None:
     CheckpointManager(out / "checkpoints").save(tpl.step, state, tpl.fingerprint)
     (out / HANDOFF).write_text(json.dumps({"checkpoint": str(ck_path.resolve()), "epoch": k}))
     print(f"{out}: the official run's state after epoch {k}; continue it with `edgetune run --resume {out}`")
-
-
-HANDOFF = "handoff.json"  # in a run folder `handoff` or `adopt` wrote: the other code's epoch it starts from
 
 
 def handoff_epoch(run_dir: Path) -> int | None:

@@ -461,6 +461,7 @@ def test_adopt_refuses_an_official_run_of_another_length(script: ModuleType, tmp
     run = tmp_path / "run"
     path = CheckpointManager(run / "checkpoints").save(30, _edgetune_state(epoch=3), {})
     (run / "config.yaml").write_text("train:\n  epochs: 30\n")
+    (run / "metrics.jsonl").write_text("")
     _official_log(tmp_path, "e20-s1", [0.5, 0.6, 0.7])
     torch.save(_official_ck(script, 3), tmp_path / "official" / "e20-s1" / "checkpoint.pt")
     args = type(
@@ -476,3 +477,13 @@ def test_adopt_refuses_an_official_run_of_another_length(script: ModuleType, tmp
     with pytest.raises(SystemExit, match="planned for 30 epochs, the official run for 20"):
         script._adopt(args)
     assert not (tmp_path / "out").exists()
+    args.checkpoint = str(tmp_path / "e2.pt")  # no copy kept at that epoch
+    with pytest.raises(SystemExit, match=r"no official checkpoint .*e2\.pt: give --checkpoint"):
+        script._adopt(args)
+    args.checkpoint, args.template = None, str(tmp_path / "nope.json")
+    with pytest.raises(SystemExit, match="--template: checkpoint .*nope.json does not exist"):
+        script._adopt(args)
+    (run / "config.yaml").unlink()
+    args.template = str(path)
+    with pytest.raises(SystemExit, match="is not an edgetune run folder"):
+        script._adopt(args)
