@@ -377,6 +377,7 @@ def edgetune_state(official: dict, template: dict) -> dict:
     )
     moms[6]["momentum_buffer"] = src_moms[6]["momentum_buffer"].clone()
     moms[7]["momentum_buffer"] = src_moms[7]["momentum_buffer"].clone()
+    state["window"] = {}  # the template's training statistics since its last record are edgetune's, not these
     return state
 
 

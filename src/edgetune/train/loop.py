@@ -9,9 +9,9 @@ batches the interrupted one would have seen.
 
 :meth:`Trainer.fit` may be called again with new data and its own step budget: each call is a *session*
 (hooks ``on_session_start``/``on_session_end`` fire per call; the global step keeps counting; a new session
-gets a fresh optimizer and schedule unless asked to keep them). Checkpoints hold the model, optimizer, schedule, every RNG, the loop position and each
-callback's state; resuming from one reproduces the uninterrupted run bit for bit (same machine, same
-thread count).
+gets a fresh optimizer and schedule unless asked to keep them). Checkpoints hold the model, optimizer, schedule, every RNG, the loop position, the statistic sums
+of the train record in progress and each callback's state; resuming from one reproduces the uninterrupted
+run bit for bit, weights and records alike but their times (same machine, same thread count).
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, rank=self.dist.rank, world_size=self.ws,
         )
         self.batch_in_epoch = 0
+        self._window: dict[str, torch.Tensor] = {}  # statistic sums since the last train record (checkpointed)
+        self._resume_window: dict[str, torch.Tensor] = {}
         self.earlier_time_s = 0.0  # time spent in fit() by earlier processes of this run (from the checkpoint)
         self._fit_t0: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -231,6 +233,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_state(),
+            "window": dict(self._window),
             "loop": {"step": self.state.step, "epoch": self.state.epoch, "batch": self.batch_in_epoch,
                      "elapsed_s": self.elapsed_s(), "session": self.session, "session_start": self.session_start,
                      "sessions_done": self.sessions_done, "records": self.records},
@@ -277,6 +280,7 @@ class Trainer:
         self._resume_session = int(loop.get("session", 0))
         self._resume_loop = loop
         self._resume_opt = (s["optimizer"], s["scheduler"], s["scaler"])
+        self._resume_window = {k: v.to(self.device) for k, v in s.get("window", {}).items()}  # older: none kept
         set_rng_state(s["rng"])
         self.earlier_time_s = float(loop.get("elapsed_s", 0.0))
         if self._resume_session == 0 and self._calls == 0:  # the usual case: a position in the first session
@@ -307,6 +311,7 @@ class Trainer:
         if self.scaler and scaler:
             self.scaler.load_state_dict(scaler)
         self.state.step, self.state.epoch, self.batch_in_epoch = loop["step"], loop["epoch"], loop["batch"]
+        self._window, self._resume_window = self._resume_window, {}  # a train record's window may straddle it
         self._resume_session = -1
 
     # ------------------------------------------------------------------------------------- loop
@@ -417,24 +422,23 @@ class Trainer:
         bar = progress(self.session_steps, st.step - self.session_start,
                        f"train{f' s{self.session}' if self.session else ''}", cfg.progress and self.dist.is_main)
         t0 = self._fit_t0 = time.perf_counter()
-        run: dict[str, torch.Tensor] = {}  # statistic sums since the last train record
         if self.batch_in_epoch and (self.batch_in_epoch >= self.steps_per_epoch or st.step >= self.total_steps):
             self._end_epoch()  # resumed from a step checkpoint taken after an epoch's last batch, before its end
         while st.step < self.total_steps and st.epoch < self.epochs:
             if self.batch_in_epoch == 0:
                 self._hook("on_epoch_start")
             for batch in self._batches(st.epoch, self.batch_in_epoch):
-                _add(run, self._train_step(batch))
+                _add(self._window, self._train_step(batch))
                 st.step += 1
                 self.batch_in_epoch += 1
                 bar.update(1)
                 if st.step % cfg.log_every_steps == 0 or st.step == self.total_steps:
-                    metrics = self.task.summarize({k: float(v) for k, v in run.items()})
+                    metrics = self.task.summarize({k: float(v) for k, v in self._window.items()})
                     rec = {"kind": "train", "step": st.step, "epoch": st.epoch + 1, **metrics,
                            "lr": self.optimizer.param_groups[0]["lr"], "time_s": time.perf_counter() - t0}
                     self._log(rec)
                     bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("loss", "acc")})
-                    run = {}
+                    self._window = {}
                 every = cfg.checkpoint.every_steps
                 if every and st.step % every == 0:
                     self.save_checkpoint()
@@ -442,6 +446,7 @@ class Trainer:
                     break
             self._end_epoch()
         bar.close()
+        self._window = {}  # the next session starts its own records
         if not st.last_eval:  # resumed from the final checkpoint: nothing left to train
             st.last_eval = self.evaluate_all()
         self._hook("on_session_end")

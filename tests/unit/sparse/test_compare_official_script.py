@@ -260,6 +260,7 @@ def _edgetune_state(epoch: int, batch: int = 0, spe: int = 10) -> dict:
         "model": model,
         "optimizer": {"state": moms, "param_groups": [group]},
         "loop": {"step": epoch * spe + batch, "epoch": epoch, "batch": batch},
+        "window": {"loss": torch.tensor(3.5, dtype=torch.float64), "n": torch.tensor(7)},
         "callbacks": {
             "0:sparse": {
                 "density": 0.01,
@@ -380,6 +381,7 @@ def test_adopt_takes_the_official_network_and_keeps_edgetunes_position(script: M
         assert torch.equal(got["model"][f"layers.{n}.values"], torch.full((4,), 0.5 + n))
         assert torch.equal(got["optimizer"]["state"][2 * n]["momentum_buffer"], torch.full((4,), -1.0 - n))
     assert got["loop"] == template["loop"] and got["callbacks"] == template["callbacks"]
+    assert got["window"] == {}  # the first train record after it averages the adopted run's steps alone
     assert template["model"]["layers.0.values"].numel() == 5  # the template itself is left as it was
 
 

@@ -153,6 +153,14 @@ def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path, ca
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # no duplicate records from the interrupted part
 
+    def records(run: str) -> list[dict]:
+        recs = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in recs]
+
+    # the record at step 12 averages steps 9-12, its window straddling the checkpoint at step 10
+    assert [r["step"] for r in records("b") if r["kind"] == "train"] == [4, 8, 12, 16, 20, 24]
+    assert records("b") == records("a")
+
 
 def test_corrupt_and_foreign_checkpoints_are_refused_before_loading(tmp_path):
     tr = Trainer(make_model(), blobs(64), cfg(epochs=1), run_dir=tmp_path)
