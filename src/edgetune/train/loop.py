@@ -7,11 +7,12 @@ the loop trains classifiers, language models and Hugging Face models (keyword in
 alike. The loop shuffles with a generator seeded by (seed, session, epoch), so a resumed run sees exactly the
 batches the interrupted one would have seen.
 
-:meth:`Trainer.fit` may be called again with new data and its own step budget: each call is a *session*
-(hooks ``on_session_start``/``on_session_end`` fire per call; the global step keeps counting; a new session
-gets a fresh optimizer and schedule unless asked to keep them). Checkpoints hold the model, optimizer, schedule, every RNG, the loop position, the statistic sums
-of the train record in progress and each callback's state; resuming from one reproduces the uninterrupted
-run bit for bit, weights and records alike but their times (same machine, same thread count).
+:meth:`Trainer.fit` may be called again with new data and its own step budget: each call is a *session* (hooks
+``on_session_start``/``on_session_end`` fire per call; the global step keeps counting; a new session gets a
+fresh optimizer and schedule unless asked to keep them). Checkpoints hold the model, optimizer, schedule,
+every RNG, the loop position, the statistic sums of the train record in progress and each callback's state;
+resuming from one reproduces the uninterrupted run bit for bit, weights and records alike but their times
+(same machine, same thread count).
 """
 
 from __future__ import annotations
