@@ -401,6 +401,7 @@ class Trainer:
                 self.optimizer, self.scheduler = self._build_optimizer()
             self.state.optimizer = self.optimizer
             self.state.epoch, self.batch_in_epoch, self.state.last_eval = 0, 0, {}
+            self._window = {}  # a session that raised may have left its sums
         if self._resume_session == k:
             self._restore_position()
         summary = self._fit_session()

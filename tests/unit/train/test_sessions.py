@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,8 +139,8 @@ class Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
-def uninterrupted(tmp_path) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    tr = Trainer(make_model(), A, cfg(), test=blobs(32, 9), run_dir=tmp_path / "ref", seed=3)
+def uninterrupted(tmp_path, **kw) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tr = Trainer(make_model(), A, cfg(**kw), test=blobs(32, 9), run_dir=tmp_path / "ref", seed=3)
     outs = [tr.fit(), tr.fit(B, max_steps=5)]
     tr.close()
     return {k: v.clone() for k, v in tr.model.state_dict().items()}, outs
@@ -149,9 +150,10 @@ def uninterrupted(tmp_path) -> tuple[dict[str, torch.Tensor], list[dict]]:
 # mid-session 1
 @pytest.mark.parametrize(("crash_at", "ckpt_step", "ckpt_session"), [(7, 5, 0), (9, 8, 0), (12, 10, 1)])
 def test_resume_replays_sessions_and_matches_uninterrupted_run(tmp_path, crash_at, ckpt_step, ckpt_session):
-    ref, ref_outs = uninterrupted(tmp_path)
+    log3 = {"log_every_steps": 3}  # records at steps 3, 6, 8 (session end), 9, 12, 13: the checkpoints at steps 5
+    ref, ref_outs = uninterrupted(tmp_path, **log3)  # and 10 sit inside a record's window
     run = tmp_path / "part"
-    part = Trainer(make_model(), A, cfg(), test=blobs(32, 9), run_dir=run, seed=3, callbacks=[Crash(crash_at)])
+    part = Trainer(make_model(), A, cfg(**log3), test=blobs(32, 9), run_dir=run, seed=3, callbacks=[Crash(crash_at)])
     with pytest.raises(RuntimeError, match="simulated crash"):
         part.fit()
         part.fit(B, max_steps=5)
@@ -159,7 +161,7 @@ def test_resume_replays_sessions_and_matches_uninterrupted_run(tmp_path, crash_a
     assert ck.latest().name == f"step-{ckpt_step:09d}.json"
     torch.manual_seed(123)  # disturb the global RNG: resume restores it
     rec = Recorder()
-    again = Trainer(make_model(7), A, cfg(), test=blobs(32, 9), run_dir=run, seed=3, callbacks=[rec])
+    again = Trainer(make_model(7), A, cfg(**log3), test=blobs(32, 9), run_dir=run, seed=3, callbacks=[rec])
     assert again.resume()
     outs = [again.fit(), again.fit(B, max_steps=5)]
     again.close()
@@ -171,6 +173,13 @@ def test_resume_replays_sessions_and_matches_uninterrupted_run(tmp_path, crash_a
     assert outs[0]["test_acc"] == ref_outs[0]["test_acc"]
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
+
+    def records(folder: Path) -> list[dict]:
+        recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in recs]
+
+    assert [r["step"] for r in records(run) if r["kind"] == "train"] == [3, 6, 8, 9, 12, 13]
+    assert records(run) == records(tmp_path / "ref")  # a window straddling the checkpoint included
     # the sessions this process trained in got their session hooks
     assert rec.hooks().count("session_start") == 2 - ckpt_session
     assert rec.hooks()[-1] == "fit_end"
