@@ -448,7 +448,6 @@ class Trainer:
                     break
             self._end_epoch()
         bar.close()
-        self._window = {}  # the next session starts its own records
         if not st.last_eval:  # resumed from the final checkpoint: nothing left to train
             st.last_eval = self.evaluate_all()
         self._hook("on_session_end")

@@ -15,6 +15,7 @@ from edgetune.core.hooks import Callback, TrainState
 from edgetune.train.checkpoint import CheckpointManager
 from edgetune.train.config import ScheduleConfig, TrainConfig
 from edgetune.train.loop import Trainer
+from edgetune.train.metrics import read_metrics
 from edgetune.train.optim import lr_factor
 
 SCHED = {"name": "linear", "min_lr_ratio": 0.1}
@@ -175,8 +176,7 @@ def test_resume_replays_sessions_and_matches_uninterrupted_run(tmp_path, crash_a
     assert steps == sorted(steps)
 
     def records(folder: Path) -> list[dict]:
-        recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "time_s"} for r in recs]
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(folder / "metrics.jsonl")]
 
     assert [r["step"] for r in records(run) if r["kind"] == "train"] == [3, 6, 8, 9, 12, 13]
     assert records(run) == records(tmp_path / "ref")  # a window straddling the checkpoint included

@@ -16,6 +16,7 @@ from edgetune.core.hooks import Callback, TrainState
 from edgetune.train.checkpoint import CheckpointManager
 from edgetune.train.config import ScheduleConfig, TrainConfig
 from edgetune.train.loop import Trainer
+from edgetune.train.metrics import read_metrics
 from edgetune.train.optim import lr_factor
 
 
@@ -154,8 +155,7 @@ def test_resume_from_middle_checkpoint_reproduces_uninterrupted_run(tmp_path, ca
     assert steps == sorted(steps)  # no duplicate records from the interrupted part
 
     def records(run: str) -> list[dict]:
-        recs = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "time_s"} for r in recs]
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in read_metrics(tmp_path / run / "metrics.jsonl")]
 
     # the record at step 12 averages steps 9-12, its window straddling the checkpoint at step 10
     assert [r["step"] for r in records("b") if r["kind"] == "train"] == [4, 8, 12, 16, 20, 24]
